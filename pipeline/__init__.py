@@ -1,0 +1,1 @@
+"""The data path: raw datasets -> class-indexed TFRecords (Beam) -> graph-mode episode sampler."""

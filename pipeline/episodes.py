@@ -1,0 +1,233 @@
+"""N-way K-shot Q-query episodes from a records folder, sampled in graph code from memory.
+
+A split is decoded once into one uint8 tensor ``[num_images, H, W, C]`` (records are
+class-contiguous, so a class is an ``(offset, count)`` range of it); an episode is then a few
+stateless random ops and one ``tf.gather``. Nothing holds a file per class, nothing runs Python
+per episode, and every shape is static, so the same pipeline feeds XLA on GPU and TPU.
+``decode="per_episode"`` keeps only the encoded bytes in memory and decodes the episode's
+images in the graph instead, for splits whose decoded pixels would not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import records, streams
+from pipeline.errors import DataError
+
+DECODE_MODES = ("memory", "per_episode")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+  n_way: int
+  k_shot: int
+  k_query: int
+  meta_batch_size: int
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if not isinstance(value, int) or value < 1:
+        raise DataError(f"{field.name}={value!r}: must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassIndexedImages:
+  """One split in memory: images (uint8 pixels or encoded bytes) and each class's range."""
+  images: tf.Tensor  # uint8 [M, H, W, C], or string [M] when decode="per_episode"
+  offsets: tf.Tensor  # int64 [num_classes]
+  counts: tf.Tensor  # int32 [num_classes]
+  image_shape: tuple[int, int, int]
+  class_names: tuple[str, ...]
+  split: str
+  decoded: bool
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def min_count(self) -> int:
+    return int(tf.reduce_min(self.counts))
+
+
+def read_manifest(records_dir: str | os.PathLike) -> dict:
+  path = Path(records_dir) / records.MANIFEST_NAME
+  if not path.is_file():
+    raise DataError(f"{path}: no manifest; build the records with tools/build_tfrecords.py "
+                    f"(an interrupted build leaves no folder at all)")
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: unreadable manifest ({e})") from e
+  if manifest.get("schema_version") != records.SCHEMA_VERSION:
+    raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code "
+                    f"reads {records.SCHEMA_VERSION}; rebuild the records")
+  return manifest
+
+
+_CACHE: dict[tuple, ClassIndexedImages] = {}
+
+
+def load_split(records_dir: str | os.PathLike, split: str, *,
+               decode: str = "memory") -> ClassIndexedImages:
+  """Reads a split's shards once, checks them against the manifest and keeps them in memory."""
+  if decode not in DECODE_MODES:
+    raise DataError(f"decode={decode!r}: must be one of {DECODE_MODES}")
+  records_dir = Path(records_dir).resolve()
+  manifest_path = records_dir / records.MANIFEST_NAME
+  key = (str(records_dir), split, decode,
+         manifest_path.stat().st_mtime_ns if manifest_path.exists() else None)
+  if key in _CACHE:
+    return _CACHE[key]
+  manifest = read_manifest(records_dir)
+  if split not in manifest["splits"]:
+    raise DataError(f"{manifest_path}: no split {split!r} (has {', '.join(manifest['splits'])})")
+  info = manifest["splits"][split]
+  shape = tuple(manifest["image_shape"])
+  shards = [s["file"] for s in info["shards"]]
+  for shard in shards:
+    if not (records_dir / shard).is_file():
+      raise DataError(f"{records_dir / shard}: shard listed in the manifest is missing")
+  # Where each class starts in the concatenation of the shards, read in manifest order.
+  shard_base, base = {}, 0
+  for s in info["shards"]:
+    shard_base[s["file"]], base = base, base + s["num_records"]
+  classes = sorted(info["classes"], key=lambda c: c["label"])
+  offsets = np.array([shard_base[c["shard"]] + c["offset"] for c in classes], np.int64)
+  counts = np.array([c["count"] for c in classes], np.int32)
+
+  def parse(serialized):
+    example = records.parse(serialized)
+    image = example["image"]
+    if decode == "memory":
+      image = tf.ensure_shape(
+          tf.io.decode_image(image, channels=shape[2], expand_animations=False), shape)
+    return image, example["label"]
+
+  files = [str(records_dir / s) for s in shards]
+  ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20)
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  try:
+    images, labels = ds.batch(max(base, 1) + 1).get_single_element()
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    raise DataError(f"{records_dir} ({split}): a record could not be read or decoded to "
+                    f"{list(shape)}: {e.message.splitlines()[0]}") from e
+  _check_labels(labels.numpy(), classes, info["shards"], records_dir)
+  loaded = ClassIndexedImages(
+      images=images, offsets=tf.constant(offsets), counts=tf.constant(counts),
+      image_shape=shape, class_names=tuple(c["name"] for c in classes), split=split,
+      decoded=decode == "memory")
+  _CACHE[key] = loaded
+  return loaded
+
+
+def _check_labels(labels: np.ndarray, classes: list[dict], shards: list[dict],
+                  records_dir: Path) -> None:
+  """Fails naming the class and shard whose records disagree with the manifest."""
+  expected = sum(c["count"] for c in classes)
+  position = 0
+  for s in shards:
+    in_shard = sorted((c for c in classes if c["shard"] == s["file"]), key=lambda c: c["offset"])
+    for c in in_shard:
+      got = labels[position + c["offset"]: position + c["offset"] + c["count"]]
+      if len(got) < c["count"] or np.any(got != c["label"]):
+        found = int(np.sum(labels == c["label"]))
+        raise DataError(f"{records_dir / s['file']}: class {c['name']} (label {c['label']}) has "
+                        f"{found} records, the manifest promises {c['count']}")
+    position += s["num_records"]
+  if len(labels) != expected:
+    raise DataError(f"{records_dir}: {len(labels)} records in the shards, the manifest "
+                    f"promises {expected}")
+
+
+def _episode_fn(data: ClassIndexedImages, spec: EpisodeSpec):
+  n, k, q = spec.n_way, spec.k_shot, spec.k_query
+  max_count = int(tf.reduce_max(data.counts))
+  h, w, c = data.image_shape
+
+  def episode(seed):
+    class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    # The top-n of iid uniforms is a uniformly random n-subset in uniformly random order, so
+    # label i goes to a random class: classes without replacement, labels permuted.
+    classes = tf.math.top_k(
+        tf.random.stateless_uniform([data.num_classes], seed=class_seed), n).indices
+    counts = tf.gather(data.counts, classes)
+    noise = tf.random.stateless_uniform([n, max_count], seed=example_seed)
+    noise = tf.where(tf.range(max_count)[None, :] < counts[:, None], noise, -1.0)
+    picks = tf.math.top_k(noise, k + q).indices  # distinct examples within each class
+    index = tf.gather(data.offsets, classes)[:, None] + tf.cast(picks, tf.int64)
+    images = tf.gather(data.images, index)  # [n, k+q, ...]
+    if not data.decoded:
+      flat = tf.reshape(images, [-1])
+      images = tf.map_fn(
+          lambda b: tf.ensure_shape(tf.io.decode_image(b, channels=c, expand_animations=False),
+                                    [h, w, c]),
+          flat, fn_output_signature=tf.TensorSpec([h, w, c], tf.uint8))
+      images = tf.reshape(images, [n, k + q, h, w, c])
+    labels = tf.range(n, dtype=tf.int32)[:, None]
+    return {
+        "support_images": tf.reshape(images[:, :k], [n * k, h, w, c]),
+        "support_labels": tf.reshape(tf.tile(labels, [1, k]), [n * k]),
+        "query_images": tf.reshape(images[:, k:], [n * q, h, w, c]),
+        "query_labels": tf.reshape(tf.tile(labels, [1, q]), [n * q]),
+    }
+
+  return episode
+
+
+def _to_float(batch):
+  """uint8 -> float32 in [0, 1], once per meta-batch rather than per image."""
+  out = dict(batch)
+  for name in ("support_images", "query_images"):
+    out[name] = tf.cast(batch[name], tf.float32) * (1.0 / 255.0)
+  return out
+
+
+def _validate(data: ClassIndexedImages, spec: EpisodeSpec) -> None:
+  if spec.n_way > data.num_classes:
+    raise DataError(f"n_way={spec.n_way}: split {data.split!r} has only {data.num_classes} "
+                    f"classes")
+  need = spec.k_shot + spec.k_query
+  counts = data.counts.numpy()
+  if counts.min() < need:
+    smallest = int(np.argmin(counts))
+    raise DataError(f"k_shot + k_query = {need}: class {data.class_names[smallest]!r} of split "
+                    f"{data.split!r} has only {counts[smallest]} images")
+
+
+def meta_batches(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,
+                 start_step: int = 0, num_steps: int | None = None,
+                 sharding: streams.Sharding = streams.Sharding()) -> tf.data.Dataset:
+  """Training meta-batches: element ``s`` is a pure function of ``(seed, start_step + s)``.
+
+  Each element is a dict of ``support_images [b, N*K, H, W, C] float32``,
+  ``support_labels [b, N*K] int32``, ``query_images [b, N*Q, H, W, C]``,
+  ``query_labels [b, N*Q]`` and ``episode_id [b] int64``, where ``b`` is the meta-batch size
+  divided by the number of replicas in ``sharding``. Support and query are class-major:
+  example ``i`` of the support set has label ``i // K``.
+  """
+  _validate(data, spec)
+  return streams.training_stream(_episode_fn(data, spec), seed=seed,
+                                 meta_batch_size=spec.meta_batch_size, start_step=start_step,
+                                 num_steps=num_steps, sharding=sharding, finalize=_to_float,
+                                 stream=f"train:{data.split}")
+
+
+def evaluation_batches(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,
+                       num_episodes: int,
+                       sharding: streams.Sharding = streams.Sharding()) -> tf.data.Dataset:
+  """Fixed evaluation episodes ``0..num_episodes-1`` (episode i depends on seed and i only),
+  batched by ``spec.meta_batch_size`` with a boolean ``valid`` mask on the padded tail."""
+  _validate(data, spec)
+  return streams.evaluation_stream(_episode_fn(data, spec), seed=seed,
+                                   num_episodes=num_episodes, batch_size=spec.meta_batch_size,
+                                   stream=f"eval:{data.split}", sharding=sharding,
+                                   finalize=_to_float)

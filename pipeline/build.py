@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -64,7 +65,7 @@ class EncodeUnitFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput("errors", {
             "file": ref.describe(), "reason": f"{type(e).__name__}: {e}"})
         continue
-      digest.update(ref.member.encode() + b"\0" + hashlib.sha256(raw).digest())
+      digest.update(os.path.basename(ref.member).encode() + b"\0" + hashlib.sha256(raw).digest())
       kept.append((ref, prepared))
     if not kept:
       yield beam.pvalue.TaggedOutput("errors", {
@@ -123,12 +124,15 @@ def default_pipeline_options(extra_args: Sequence[str] = ()) -> PipelineOptions:
       args.append(f"--direct_num_workers={os.cpu_count() or 1}")
     if not any(a.startswith("--direct_running_mode") for a in args):
       args.append("--direct_running_mode=multi_processing")
+  if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+    args.append("--default_sdk_harness_log_level=WARNING")
   return PipelineOptions(args)
 
 
 def _run_pipeline(units: list[WorkUnit], spec: imaging.ImageSpec, tmp_dir: str,
                   options: PipelineOptions) -> None:
   os.makedirs(os.path.join(tmp_dir, STATS_DIR))
+  logging.getLogger("apache_beam").setLevel(max(logging.getLogger().level, logging.WARNING))
   with beam.Pipeline(options=options) as p:
     encoded = (p
                | "ListClasses" >> beam.Create(units)

@@ -1,0 +1,114 @@
+"""Shared fixtures: real datasets (through MAML_DATASETS) and tiny datasets made on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pipeline import datasets, paths  # noqa: E402
+
+# In-process Beam for tiny builds: the multi-process default costs seconds of start-up.
+FAST_BEAM = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
+
+
+def real_dataset(relative: str) -> Path:
+  path = paths.datasets_root() / relative
+  if not path.exists():
+    pytest.fail(f"real data missing: {path} (set {paths.ENV_VAR} to the shared datasets folder)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def omniglot_records(tmp_path_factory) -> Path:
+  """The full real Omniglot, built once per session with the default (multi-process) runner."""
+  out = tmp_path_factory.mktemp("records") / "omniglot"
+  datasets.build_dataset("omniglot", source=real_dataset("omniglot"), output=out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def mini_records(tmp_path_factory) -> Path:
+  out = tmp_path_factory.mktemp("records") / "miniimagenet"
+  datasets.build_dataset("miniimagenet", source=real_dataset("miniimagenet_subset"), output=out,
+                         beam_args=FAST_BEAM)
+  return out
+
+
+def omniglot_png(rng: np.random.Generator, size: int = 105) -> bytes:
+  """A 1-bit image like Omniglot's: white background, a few black strokes."""
+  pixels = np.ones((size, size), bool)
+  for _ in range(3):
+    r, c = rng.integers(10, size - 30, 2)
+    pixels[r:r + rng.integers(5, 25), c:c + 4] = False
+  buf = io.BytesIO()
+  Image.fromarray(pixels).convert("1").save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def make_tiny_omniglot(root: Path, *, layout: str, background_alphabets: int = 7,
+                       evaluation_alphabets: int = 2, characters: int = 2, drawers: int = 3,
+                       seed: int = 0) -> Path:
+  """Omniglot's layout in miniature, as folders or as the two distributed zips."""
+  rng = np.random.default_rng(seed)
+  root.mkdir(parents=True, exist_ok=True)
+  char_id = 0
+  for set_name, n_alpha in (("images_background", background_alphabets),
+                            ("images_evaluation", evaluation_alphabets)):
+    files = {}
+    for a in range(n_alpha):
+      for c in range(characters):
+        char_id += 1
+        for d in range(drawers):
+          member = f"{set_name}/{set_name[7:10]}Alpha{a}/character{c + 1:02d}/{char_id:04d}_{d + 1:02d}.png"
+          files[member] = omniglot_png(rng)
+    if layout == "zip":
+      with zipfile.ZipFile(root / f"{set_name}.zip", "w") as zf:
+        for member, data in sorted(files.items()):
+          zf.writestr(member, data)
+    else:
+      for member, data in files.items():
+        (root / member).parent.mkdir(parents=True, exist_ok=True)
+        (root / member).write_bytes(data)
+  return root
+
+
+def jpeg(rng: np.random.Generator, size: int = 84) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+      buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def make_tiny_mini(root: Path, *, layout: str, classes=(3, 2, 2), per_class: int = 4,
+                   odd_size: bool = False, seed: int = 0) -> Path:
+  """MiniImagenet's layout (images/ or images.zip plus split CSVs) in miniature."""
+  rng = np.random.default_rng(seed)
+  root.mkdir(parents=True, exist_ok=True)
+  files = {}
+  for split, n_classes in zip(("train", "val", "test"), classes):
+    rows = ["filename,label"]
+    for c in range(n_classes):
+      wnid = f"n{split[:2]}{c:06d}"
+      for i in range(per_class):
+        name = f"{wnid}{i:08d}.jpg"
+        size = 100 if (odd_size and i == 0) else 84
+        files[name] = jpeg(rng, size)
+        rows.append(f"{name},{wnid}")
+    (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+  if layout == "zip":
+    with zipfile.ZipFile(root / "images.zip", "w") as zf:
+      for name, data in sorted(files.items()):
+        zf.writestr(f"images/{name}", data)
+  else:
+    (root / "images").mkdir()
+    for name, data in files.items():
+      (root / "images" / name).write_bytes(data)
+  return root

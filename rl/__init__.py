@@ -1,0 +1,1 @@
+"""Meta-reinforcement learning (MAML-RL)."""

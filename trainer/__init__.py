@@ -1,0 +1,1 @@
+"""The meta-learner and its trainer (issue: compiled MAML meta-step)."""

@@ -60,7 +60,9 @@ def meta_batches(spec: SinusoidSpec, *, seed: int, start_step: int = 0,
 
 
 def evaluation_batches(spec: SinusoidSpec, *, seed: int, num_episodes: int,
-                       sharding: streams.Sharding = streams.Sharding()) -> tf.data.Dataset:
+                       sharding: streams.Sharding = streams.Sharding(),
+                       stream: str = "eval:sinusoid") -> tf.data.Dataset:
+  """Fixed tasks ``0..num_episodes-1`` of ``stream`` (use one stream per split), masked tail."""
   return streams.evaluation_stream(_episode_fn(spec), seed=seed, num_episodes=num_episodes,
-                                   batch_size=spec.meta_batch_size, stream="eval:sinusoid",
+                                   batch_size=spec.meta_batch_size, stream=stream,
                                    sharding=sharding)

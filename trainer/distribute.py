@@ -1,0 +1,44 @@
+"""Choosing the tf.distribute strategy, and the device facts that pick defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+  """``auto``: MirroredStrategy over several GPUs, one device otherwise."""
+  if name == "tpu":
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  if name == "multi_worker":
+    if "TF_CONFIG" not in os.environ:
+      raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                       "(cluster spec and this worker's task)")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  gpus = tf.config.list_logical_devices("GPU")
+  if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+    return tf.distribute.MirroredStrategy()
+  if name in ("one_device", "auto"):
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  raise ValueError(f"--strategy={name!r}: must be one of {STRATEGIES}")
+
+
+def has_accelerator() -> bool:
+  return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """The worker that writes checkpoints, summaries and reports (always true outside MWMS)."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return True
+  task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+  return task.get("type") in (None, "chief") or (
+      task.get("type") == "worker" and task.get("index", 0) == 0
+      and "chief" not in json.loads(os.environ["TF_CONFIG"]).get("cluster", {}))

@@ -1,0 +1,102 @@
+"""The meta-learner's state and its compiled, strategy-aware train and eval steps.
+
+State (meta-parameters, Meta-SGD rates, Adam moments) lives in variables created under the
+strategy's scope. The heavy part — :func:`trainer.maml.meta_gradients` — is a pure function of
+tensors, optionally XLA-compiled; variables are read outside it and passed in, which is what
+lets ``jit_compile`` work with mirrored variables. Each replica computes its tasks' share of the
+meta-objective (already divided by the global meta-batch size), the shares are all-reduced by
+SUM, and every replica applies the same Adam update.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import maml, models, optim
+
+SUM = tf.distribute.ReduceOp.SUM
+METRIC_KEYS = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
+
+
+class MetaLearner:
+  def __init__(self, strategy: tf.distribute.Strategy, model: models.ModelConfig,
+               meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
+               meta_batch_size: int, eval_inner_steps: int, jit_compile: bool):
+    self.strategy, self.model, self.meta = strategy, model, meta
+    self.meta_batch_size = meta_batch_size
+    self.eval_inner_steps = eval_inner_steps
+    with strategy.scope():
+      init = models.init_params(model, seed)
+      self.params = {k: tf.Variable(v, name=k, aggregation=optim.ONLY_FIRST)
+                     for k, v in init.items()}
+      self.inner_lrs = ({k: tf.Variable(np.full(v.shape, meta.inner_lr, np.float32),
+                                        name=f"lr/{k}", aggregation=optim.ONLY_FIRST)
+                         for k, v in init.items()} if meta.learn_inner_lr else {})
+      self.trainables = dict(self.params, **{f"lr/{k}": v for k, v in self.inner_lrs.items()})
+      self.optimizer = optim.Adam(adam, self.trainables)
+    self._grads = tf.function(
+        functools.partial(maml.meta_gradients, model, meta, global_batch=meta_batch_size),
+        jit_compile=jit_compile)
+    self._evaluate = tf.function(
+        functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps),
+        jit_compile=jit_compile)
+
+  @property
+  def step(self) -> tf.Variable:
+    return self.optimizer.iterations
+
+  def checkpoint_items(self) -> dict:
+    return {"params": self.params, "inner_lrs": self.inner_lrs,
+            "optimizer": self.optimizer.state()}
+
+  def _values(self):
+    params = {k: tf.identity(v) for k, v in self.params.items()}
+    lrs = {k: tf.identity(v) for k, v in self.inner_lrs.items()} if self.inner_lrs else None
+    return params, lrs
+
+  def _replica_train_step(self, batch):
+    params, lrs = self._values()
+    inputs = {k: batch[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+    grads, sums = self._grads(params, lrs, inputs)
+    ctx = tf.distribute.get_replica_context()
+    grads, sums = ctx.all_reduce(SUM, (grads, sums))
+    self.optimizer.apply(self.trainables, grads)
+    return sums
+
+  @tf.function
+  def train_loop(self, iterator, num_steps: tf.Tensor) -> dict:
+    """``num_steps`` meta-steps in one graph; returns metric means over them."""
+    totals = {k: tf.constant(0.0) for k in METRIC_KEYS}
+    for _ in tf.range(num_steps):
+      sums = self.strategy.run(self._replica_train_step, (next(iterator),))
+      sums = self.strategy.experimental_local_results(sums)[0]  # identical after all-reduce
+      totals = {k: totals[k] + sums[k] for k in METRIC_KEYS}
+    scale = 1.0 / (tf.cast(num_steps, tf.float32) * self.meta_batch_size)
+    return {k: v * scale for k, v in totals.items()}
+
+  def _replica_eval_step(self, batch):
+    params, lrs = self._values()
+    inputs = {k: batch[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+    losses, metrics = self._evaluate(params, lrs, inputs)
+    return losses, metrics, batch["valid"], batch["episode_id"]
+
+  @tf.function
+  def eval_step(self, batch):
+    return self.strategy.run(self._replica_eval_step, (batch,))
+
+  def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per-episode query loss and metric after 0..eval_inner_steps steps, ``[steps+1, n]``."""
+    losses, metrics, ids = [], [], []
+    for batch in dataset:
+      out = self.eval_step(batch)
+      parts = [self.strategy.experimental_local_results(o) for o in out]
+      for loss, metric, valid, episode in zip(*parts):
+        keep = valid.numpy()
+        losses.append(loss.numpy()[:, keep])
+        metrics.append(metric.numpy()[:, keep])
+        ids.append(episode.numpy()[keep])
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return np.concatenate(losses, axis=1)[:, order], np.concatenate(metrics, axis=1)[:, order]

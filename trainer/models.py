@@ -1,0 +1,157 @@
+"""Functional models with explicit, task-batched parameters.
+
+Every parameter carries a leading task axis ``B`` during adaptation (each task's adapted
+copy), and every input a leading ``[B, n]``. Convolutions run all tasks in one grouped
+convolution: activations are kept as ``[n, H, W, B*C]`` and task ``b`` owns channel group
+``b``, so one meta-batch is one batched computation with static shapes. That is what makes the
+meta-step fast under XLA on GPU/TPU (cuDNN/XLA grouped convolutions) and on CPU (oneDNN)
+alike, where a Python loop over tasks or ``tf.map_fn`` were 2-20x slower (see
+``bench/bench_meta_step.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+NORMS = ("batch_norm", "layer_norm", "none")
+EPSILON = 1e-3  # tf.contrib.layers.batch_norm's default, as in the original MAML code
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """``conv4``: 4 x [3x3 conv, norm, ReLU, 2x2 down-sampling] + linear; ``mlp``: dense layers."""
+  kind: str  # "conv4" or "mlp"
+  input_shape: tuple[int, ...]  # per example: (H, W, C) for images, (d,) for vectors
+  num_outputs: int
+  num_filters: int = 64
+  downsample: str = "stride"  # "stride" (stride-2 convs) or "maxpool" (2x2 max-pool)
+  features: str = "mean"  # conv4 head input: "mean" over space (MAML Omniglot) or "flatten"
+  hidden_sizes: tuple[int, ...] = (40, 40)
+  norm: str = "batch_norm"
+
+  def __post_init__(self):
+    if self.kind not in ("conv4", "mlp"):
+      raise ValueError(f"model={self.kind!r}: must be conv4 or mlp")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm={self.norm!r}: must be one of {NORMS}")
+    if self.downsample not in ("stride", "maxpool"):
+      raise ValueError(f"downsample={self.downsample!r}: must be stride or maxpool")
+    if self.features not in ("mean", "flatten"):
+      raise ValueError(f"features={self.features!r}: must be mean or flatten")
+
+
+def _conv_output_side(cfg: ModelConfig) -> int:
+  side = cfg.input_shape[0]
+  for _ in range(4):
+    side = math.ceil(side / 2) if cfg.downsample == "stride" else side // 2
+  return side
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+  """Glorot-uniform weights, zero biases, unit scales; a pure function of ``seed``."""
+  rng = np.random.default_rng(seed)
+
+  def glorot(shape, fan_in, fan_out):
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, shape).astype(np.float32)
+
+  params: dict[str, np.ndarray] = {}
+
+  def norm_params(prefix, width):
+    if cfg.norm != "none":
+      params[f"{prefix}/scale"] = np.ones([width], np.float32)
+      params[f"{prefix}/offset"] = np.zeros([width], np.float32)
+    else:
+      params[f"{prefix}/bias"] = np.zeros([width], np.float32)
+
+  if cfg.kind == "conv4":
+    channels = cfg.input_shape[-1]
+    for i in range(4):
+      params[f"conv{i}/kernel"] = glorot([3, 3, channels, cfg.num_filters], 9 * channels,
+                                         9 * cfg.num_filters)
+      norm_params(f"conv{i}", cfg.num_filters)
+      channels = cfg.num_filters
+    side = _conv_output_side(cfg)
+    width = cfg.num_filters * (side * side if cfg.features == "flatten" else 1)
+  else:
+    width = int(np.prod(cfg.input_shape))
+    for i, hidden in enumerate(cfg.hidden_sizes):
+      params[f"dense{i}/kernel"] = glorot([width, hidden], width, hidden)
+      norm_params(f"dense{i}", hidden)
+      width = hidden
+  params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
+  params["out/bias"] = np.zeros([cfg.num_outputs], np.float32)
+  return params
+
+
+def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str,
+               groups: int) -> tf.Tensor:
+  """Norm over a grouped activation ``[n, ..., B*C]`` with per-task ``[B, C]`` parameters.
+
+  batch_norm: statistics of the current batch of each task (the paper's transductive setting,
+  used at test time too). layer_norm: per example and task, over its features; no batch
+  statistics, so predictions do not depend on the other examples.
+  """
+  if cfg.norm == "none":
+    return h + tf.reshape(params[f"{prefix}/bias"], [-1])
+  scale = tf.reshape(params[f"{prefix}/scale"], [-1])
+  offset = tf.reshape(params[f"{prefix}/offset"], [-1])
+  if cfg.norm == "batch_norm" and h.shape.rank == 4:
+    # One fused kernel (and one for its gradient) instead of ~8 passes over the activations,
+    # which dominate the step's time at these small convolutions. Its gradient of gradient is
+    # registered, so second-order MAML works through it.
+    y, _, _ = tf.compat.v1.nn.fused_batch_norm(h, scale, offset, epsilon=EPSILON,
+                                               is_training=True)
+    return y
+  if cfg.norm == "batch_norm":
+    axes = list(range(h.shape.rank - 1))
+    mean, var = tf.nn.moments(h, axes=axes, keepdims=True)
+    h = (h - mean) * tf.math.rsqrt(var + EPSILON)
+  else:
+    shape = tf.shape(h)
+    split = tf.concat([shape[:-1], [groups, -1]], axis=0)
+    g = tf.reshape(h, split)  # [..., B, C]
+    axes = list(range(1, h.shape.rank - 1)) + [h.shape.rank]
+    mean, var = tf.nn.moments(g, axes=axes, keepdims=True)
+    h = tf.reshape((g - mean) * tf.math.rsqrt(var + EPSILON), shape)
+  return h * scale + offset
+
+
+def _head(features: tf.Tensor, params: dict) -> tf.Tensor:
+  return tf.einsum("bnd,bdk->bnk", features, params["out/kernel"]) + params["out/bias"][:, None, :]
+
+
+def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+  """Outputs ``[B, n, num_outputs]`` for inputs ``[B, n, *input_shape]`` and params ``[B, ...]``."""
+  B, n = x.shape[0], x.shape[1]
+  if cfg.kind == "mlp":
+    h = tf.reshape(x, [B, n, -1])
+    for i in range(len(cfg.hidden_sizes)):
+      h = tf.einsum("bnd,bdk->bnk", h, params[f"dense{i}/kernel"])
+      width = h.shape[-1]
+      g = tf.reshape(tf.transpose(h, [1, 0, 2]), [n, B * width])  # grouped layout [n, B*C]
+      g = tf.nn.relu(_normalize(cfg, g, params, f"dense{i}", B))
+      h = tf.transpose(tf.reshape(g, [n, B, width]), [1, 0, 2])
+    return _head(h, params)
+  H, W, C = cfg.input_shape
+  h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [n, H, W, B * C])
+  for i in range(4):
+    kernel = params[f"conv{i}/kernel"]  # [B, 3, 3, cin, cout]
+    cin, cout = kernel.shape[3], kernel.shape[4]
+    grouped = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, cin, B * cout])
+    stride = 2 if cfg.downsample == "stride" else 1
+    h = tf.nn.conv2d(h, grouped, strides=stride, padding="SAME")
+    h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B))
+    if cfg.downsample == "maxpool":
+      h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")
+  side_h, side_w = h.shape[1], h.shape[2]
+  h = tf.reshape(h, [n, side_h, side_w, B, cfg.num_filters])
+  if cfg.features == "mean":
+    features = tf.transpose(tf.reduce_mean(h, axis=[1, 2]), [1, 0, 2])
+  else:
+    features = tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, n, -1])
+  return _head(features, params)

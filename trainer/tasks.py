@@ -1,0 +1,96 @@
+"""The tasks the trainer meta-learns, each a source of learner batches plus its model and metric.
+
+A learner batch is ``support_x [b, n, ...]``, ``support_y``, ``query_x``, ``query_y`` (and in
+evaluation ``valid`` and ``episode_id``); tasks map their pipeline's names onto these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipeline import episodes, sinusoid, streams
+from pipeline.errors import DataError
+
+
+def _rename(batch: dict, kind: str) -> dict:
+  x, y = ("images", "labels") if kind == "images" else ("inputs", "targets")
+  out = {"support_x": batch[f"support_{x}"], "support_y": batch[f"support_{y}"],
+         "query_x": batch[f"query_{x}"], "query_y": batch[f"query_{y}"],
+         "episode_id": batch["episode_id"]}
+  if "valid" in batch:
+    out["valid"] = batch["valid"]
+  return out
+
+
+@dataclasses.dataclass
+class FewShotClassification:
+  """N-way K-shot classification on a records folder built by tools/build_tfrecords.py."""
+  data_dir: Path
+  n_way: int
+  k_shot: int
+  k_query: int
+  eval_k_query: int
+  meta_batch_size: int
+  eval_batch_size: int
+  seed: int
+  metric = "accuracy"
+  loss = "softmax"
+  higher_is_better = True
+
+  def __post_init__(self):
+    self.manifest = episodes.read_manifest(self.data_dir)
+    shape = tuple(self.manifest["image_shape"])
+    self.image_shape = shape
+    for split, info in self.manifest["splits"].items():
+      if self.n_way > info["num_classes"]:
+        raise DataError(f"--n_way={self.n_way}: split {split!r} of {self.data_dir} has only "
+                        f"{info['num_classes']} classes")
+      need = self.k_shot + (self.k_query if split == "train" else self.eval_k_query)
+      smallest = min(info["classes"], key=lambda c: c["count"])
+      if smallest["count"] < need:
+        raise DataError(f"--k_shot + --{'k_query' if split == 'train' else 'eval_k_query'} = "
+                        f"{need}: class {smallest['name']} of split {split!r} has only "
+                        f"{smallest['count']} images")
+
+  def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
+    data = episodes.load_split(self.data_dir, "train")
+    spec = episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query, self.meta_batch_size)
+    return episodes.meta_batches(data, spec, seed=self.seed, start_step=start_step,
+                                 sharding=sharding).map(lambda b: _rename(b, "images"))
+
+  def eval_dataset(self, split: str, num_episodes: int,
+                   sharding: streams.Sharding) -> tf.data.Dataset:
+    data = episodes.load_split(self.data_dir, split)
+    spec = episodes.EpisodeSpec(self.n_way, self.k_shot, self.eval_k_query, self.eval_batch_size)
+    return episodes.evaluation_batches(data, spec, seed=self.seed, num_episodes=num_episodes,
+                                       sharding=sharding).map(lambda b: _rename(b, "images"))
+
+
+@dataclasses.dataclass
+class SinusoidRegression:
+  """The paper's sinusoid tasks; "val" and "test" are two disjoint fixed streams of tasks."""
+  k_shot: int
+  k_query: int
+  eval_k_query: int
+  meta_batch_size: int
+  eval_batch_size: int
+  seed: int
+  metric = "mse"
+  loss = "mse"
+  higher_is_better = False
+  image_shape = (1,)
+
+  def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
+    spec = sinusoid.SinusoidSpec(self.k_shot, self.k_query, self.meta_batch_size)
+    return sinusoid.meta_batches(spec, seed=self.seed, start_step=start_step,
+                                 sharding=sharding).map(lambda b: _rename(b, "sines"))
+
+  def eval_dataset(self, split: str, num_episodes: int,
+                   sharding: streams.Sharding) -> tf.data.Dataset:
+    spec = sinusoid.SinusoidSpec(self.k_shot, self.eval_k_query, self.eval_batch_size)
+    return sinusoid.evaluation_batches(spec, seed=self.seed, num_episodes=num_episodes,
+                                       sharding=sharding, stream=f"eval:sinusoid:{split}"
+                                       ).map(lambda b: _rename(b, "sines"))

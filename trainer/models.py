@@ -88,6 +88,16 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
   return params
 
 
+def _moments(x: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
+  """Mean and variance, differentiable to second order.
+
+  ``tf.nn.moments`` stops the gradient through the mean inside the variance: harmless for
+  first derivatives, wrong for MAML's second-order ones (caught by the finite-difference test).
+  """
+  mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+  return mean, tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+
+
 def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str,
                groups: int) -> tf.Tensor:
   """Norm over a grouped activation ``[n, ..., B*C]`` with per-task ``[B, C]`` parameters.
@@ -109,14 +119,14 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str,
     return y
   if cfg.norm == "batch_norm":
     axes = list(range(h.shape.rank - 1))
-    mean, var = tf.nn.moments(h, axes=axes, keepdims=True)
+    mean, var = _moments(h, axes)
     h = (h - mean) * tf.math.rsqrt(var + EPSILON)
   else:
     shape = tf.shape(h)
     split = tf.concat([shape[:-1], [groups, -1]], axis=0)
     g = tf.reshape(h, split)  # [..., B, C]
     axes = list(range(1, h.shape.rank - 1)) + [h.shape.rank]
-    mean, var = tf.nn.moments(g, axes=axes, keepdims=True)
+    mean, var = _moments(g, axes)
     h = tf.reshape((g - mean) * tf.math.rsqrt(var + EPSILON), shape)
   return h * scale + offset
 

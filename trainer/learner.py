@@ -24,9 +24,13 @@ METRIC_KEYS = ("support_loss_pre", "support_metric_pre", "query_loss_post", "que
 class MetaLearner:
   def __init__(self, strategy: tf.distribute.Strategy, model: models.ModelConfig,
                meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
-               meta_batch_size: int, eval_inner_steps: int, jit_compile: bool):
+               meta_batch_size: int, eval_inner_steps: int, jit_compile: bool,
+               eval_batch_size: int | None = None):
     self.strategy, self.model, self.meta = strategy, model, meta
     self.meta_batch_size = meta_batch_size
+    replicas = strategy.num_replicas_in_sync
+    self._train_per_replica = meta_batch_size // replicas
+    self._eval_per_replica = (eval_batch_size or meta_batch_size) // replicas
     self.eval_inner_steps = eval_inner_steps
     with strategy.scope():
       init = models.init_params(model, seed)
@@ -57,9 +61,15 @@ class MetaLearner:
     lrs = {k: tf.identity(v) for k, v in self.inner_lrs.items()} if self.inner_lrs else None
     return params, lrs
 
+  @staticmethod
+  def _inputs(batch, per_replica: int) -> dict:
+    """The learner's four tensors with a static task axis (MultiWorker's iterators drop it)."""
+    return {k: tf.ensure_shape(batch[k], [per_replica] + batch[k].shape[1:])
+            for k in ("support_x", "support_y", "query_x", "query_y")}
+
   def _replica_train_step(self, batch):
     params, lrs = self._values()
-    inputs = {k: batch[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+    inputs = self._inputs(batch, self._train_per_replica)
     grads, sums = self._grads(params, lrs, inputs)
     ctx = tf.distribute.get_replica_context()
     grads, sums = ctx.all_reduce(SUM, (grads, sums))
@@ -79,24 +89,26 @@ class MetaLearner:
 
   def _replica_eval_step(self, batch):
     params, lrs = self._values()
-    inputs = {k: batch[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+    inputs = self._inputs(batch, self._eval_per_replica)
     losses, metrics = self._evaluate(params, lrs, inputs)
-    return losses, metrics, batch["valid"], batch["episode_id"]
+    # int32: collectives cannot gather booleans.
+    return losses, metrics, tf.cast(batch["valid"], tf.int32), batch["episode_id"]
 
   @tf.function
   def eval_step(self, batch):
-    return self.strategy.run(self._replica_eval_step, (batch,))
+    """Results of every replica, on every worker (``gather`` crosses workers too)."""
+    losses, metrics, valid, ids = self.strategy.run(self._replica_eval_step, (batch,))
+    return (self.strategy.gather(losses, axis=1), self.strategy.gather(metrics, axis=1),
+            self.strategy.gather(valid, axis=0), self.strategy.gather(ids, axis=0))
 
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode query loss and metric after 0..eval_inner_steps steps, ``[steps+1, n]``."""
     losses, metrics, ids = [], [], []
     for batch in dataset:
-      out = self.eval_step(batch)
-      parts = [self.strategy.experimental_local_results(o) for o in out]
-      for loss, metric, valid, episode in zip(*parts):
-        keep = valid.numpy()
-        losses.append(loss.numpy()[:, keep])
-        metrics.append(metric.numpy()[:, keep])
-        ids.append(episode.numpy()[keep])
+      loss, metric, valid, episode = (t.numpy() for t in self.eval_step(batch))
+      valid = valid.astype(bool)
+      losses.append(loss[:, valid])
+      metrics.append(metric[:, valid])
+      ids.append(episode[valid])
     order = np.argsort(np.concatenate(ids), kind="stable")
     return np.concatenate(losses, axis=1)[:, order], np.concatenate(metrics, axis=1)[:, order]

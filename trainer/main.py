@@ -55,7 +55,8 @@ def main(argv):
     meta_learner = learner.MetaLearner(
         strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
         meta_batch_size=FLAGS.meta_batch_size,
-        eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit)
+        eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit,
+        eval_batch_size=FLAGS.eval_batch_size)
   except (DataError, ValueError) as e:
     print(f"trainer: error: {e}", file=sys.stderr)
     return 1

@@ -1,0 +1,254 @@
+"""The trainer end to end: flags, resume after SIGKILL, SIGTERM, divergence, strategies, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = Path(__file__).resolve().parents[1]
+SINUSOID = ["--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
+            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
+            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
+            "--eval_episodes=20"]
+
+
+def trainer(*args, timeout=600, env=None, **kwargs):
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=timeout, env=env, **kwargs)
+
+
+def final_params(model_dir: Path) -> dict[str, np.ndarray]:
+  reader = tf.train.load_checkpoint(str(model_dir / "ckpt"))
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if k.startswith("params/")}
+
+
+def checkpoint_step(model_dir: Path) -> int:
+  path = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+  return int(path.rsplit("-", 1)[1]) if path else -1
+
+
+# --- start-up errors -------------------------------------------------------------------------
+
+
+def test_unknown_flag_in_a_flagfile_fails_at_start(tmp_path):
+  flagfile = tmp_path / "typo.cfg"
+  flagfile.write_text("# a comment\n--dataset=sinusoid\n--n_wya=5\n")
+  result = trainer(f"--flagfile={flagfile}", f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode != 0 and "n_wya" in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_n_way_beyond_the_classes_of_a_split_is_named(tmp_path, mini_records):
+  result = trainer("--dataset=miniimagenet", f"--data_dir={mini_records}", "--n_way=17",
+                   f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert "--n_way=17: split 'val'" in result.stderr and "16 classes" in result.stderr
+
+
+def test_records_of_another_dataset_are_refused(tmp_path, mini_records):
+  result = trainer("--dataset=omniglot", f"--data_dir={mini_records}",
+                   f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 1 and "holds 'miniimagenet' records" in result.stderr
+
+
+def test_every_paper_config_parses_and_documents_itself():
+  configs = sorted((REPO / "configs").glob("*.cfg"))
+  assert {c.stem for c in configs} >= {
+      "omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_20w5s", "mini_5w1s",
+      "mini_5w5s", "sinusoid_5shot", "sinusoid_10shot"}
+  for cfg in configs:
+    text = cfg.read_text()
+    assert f"--flagfile=configs/{cfg.name}" in text and "Expected:" in text and "Time:" in text
+  result = trainer("--flagfile=configs/sinusoid_5shot.cfg", "--helpfull")
+  assert "--[no]learn_inner_lr: Meta-SGD" in result.stdout  # absl exits 1 after help
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def test_sigkill_at_any_point_then_resume_ends_with_identical_weights(tmp_path):
+  args = [*SINUSOID, "--num_iterations=3000", "--checkpoint_every=50", "--steps_per_loop=5",
+          "--deterministic", "--mode=train"]
+  straight = trainer(*args, f"--model_dir={tmp_path / 'straight'}")
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  killed = tmp_path / "killed"
+  rng = random.Random(os.getpid())
+  for attempt in range(2):  # kill twice, at random moments after a new checkpoint exists
+    log_path = tmp_path / f"attempt{attempt}.log"
+    target = checkpoint_step(killed) + 50
+    with open(log_path, "w") as log:
+      proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *args,
+                               f"--model_dir={killed}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=log)
+      deadline = time.time() + 300
+      while checkpoint_step(killed) < target:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0.0, 0.5))
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+  interrupted_at = checkpoint_step(killed)
+  assert 0 < interrupted_at < 3000
+  resumed = trainer(*args, f"--model_dir={killed}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stderr
+  a, b = final_params(tmp_path / "straight"), final_params(killed)
+  assert a.keys() == b.keys() and len(a) == 6
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+  run = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
+                           "--num_iterations=100000", "--checkpoint_every=50000",
+                           "--steps_per_loop=10", f"--model_dir={run}"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM: saved step" in err
+  step = checkpoint_step(run)
+  assert 10 <= step < 50000 and step % 10 == 0  # not a periodic checkpoint: the preemption one
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  run = tmp_path / "run"
+  first = trainer(*SINUSOID, "--num_iterations=20", "--checkpoint_every=10", "--mode=train",
+                  f"--model_dir={run}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  good = final_params(run)
+  diverged = trainer(*SINUSOID, "--num_iterations=40", "--checkpoint_every=10", "--mode=train",
+                     "--inner_lr=1e30", f"--model_dir={run}")
+  assert diverged.returncode == 2
+  assert "non-finite training loss between steps 20 and 30" in diverged.stderr
+  assert checkpoint_step(run) == 20
+  for k, v in final_params(run).items():
+    np.testing.assert_array_equal(v, good[k])
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def test_sinusoid_adaptation_lowers_the_test_mse_and_writes_the_eval_json(tmp_path):
+  run = tmp_path / "run"
+  result = trainer(*SINUSOID, "--num_iterations=1500", "--checkpoint_every=500",
+                   "--eval_every=500", "--eval_episodes=200", "--eval_inner_steps=5",
+                   "--steps_per_loop=50", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((run / "eval_test.json").read_text())
+  assert report["split"] == "test" and report["episodes"] == 200 and report["metric"] == "mse"
+  steps = report["by_inner_steps"]
+  assert list(steps) == ["0", "1", "2", "3", "4", "5"]
+  assert all(set(v) == {"mean", "ci95"} for v in steps.values())
+  pre, post = steps["0"], steps["5"]
+  assert post["mean"] + post["ci95"] < pre["mean"] - pre["ci95"]  # clearly, not by chance
+  assert "test mse over 200 episodes" in result.stdout
+  lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert any("val/mse" in l for l in lines) and any("train/steps_per_s" in l for l in lines)
+  assert json.loads((run / "best.json").read_text())["metric"] == "mse"
+  assert list((run / "tb").iterdir())
+
+
+def test_short_omniglot_training_is_far_above_chance_on_test_classes(tmp_path, omniglot_records):
+  run = tmp_path / "run"
+  result = trainer("--flagfile=configs/omniglot_5w1s.cfg", f"--data_dir={omniglot_records}",
+                   "--num_iterations=150", "--eval_every=150", "--val_episodes=100",
+                   "--eval_episodes=300", "--log_every=50", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((run / "eval_test.json").read_text())
+  acc = report["by_inner_steps"]["3"]
+  assert acc["mean"] - acc["ci95"] > 0.6, report  # chance is 0.2
+
+
+def test_plot_curves_writes_png_learning_curves(tmp_path):
+  run = tmp_path / "run"
+  assert trainer(*SINUSOID, "--num_iterations=40", "--eval_every=20", "--mode=train",
+                 f"--model_dir={run}").returncode == 0
+  result = subprocess.run([sys.executable, "tools/plot_curves.py", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  pngs = sorted(p.name for p in run.glob("*.png"))
+  assert pngs and all((run / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+# --- distribution ------------------------------------------------------------------------------
+
+
+def test_mirrored_over_two_devices_equals_one_device():
+  script = textwrap.dedent("""
+      import numpy as np, tensorflow as tf
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+      from pipeline import streams
+      from trainer import learner, maml, models, optim, tasks
+      task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
+      cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm")
+      def run(strategy):
+        l = learner.MetaLearner(strategy, cfg, maml.MetaConfig(2, 0.05, loss="mse"),
+                                optim.AdamConfig(1e-2), seed=0, meta_batch_size=8,
+                                eval_inner_steps=2, jit_compile=False)
+        ds = strategy.distribute_datasets_from_function(
+            lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0))
+        means = l.train_loop(iter(ds), tf.constant(3))
+        return {k: float(v) for k, v in means.items()}, {k: v.numpy() for k, v in l.params.items()}
+      m1, p1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+      m2, p2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+      for k in m1:
+        assert abs(m1[k] - m2[k]) <= 1e-6 * max(1, abs(m1[k])), (k, m1[k], m2[k])
+      for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      assert any(np.abs(p1[k] - models.init_params(cfg, 0)[k]).max() > 1e-4 for k in p1)
+      print("OK")
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def free_ports(n):
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def test_multi_worker_mirrored_with_two_local_workers_completes_steps(tmp_path):
+  ports = free_ports(2)
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+  procs = []
+  for index in range(2):
+    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                 "task": {"type": "worker", "index": index}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "trainer.main", *SINUSOID, "--strategy=multi_worker",
+         "--num_iterations=6", "--checkpoint_every=3", "--steps_per_loop=3",
+         f"--model_dir={tmp_path / 'run'}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert checkpoint_step(tmp_path / "run") == 6
+  assert "replicas=2" in outputs[0][1]
+  assert json.loads((tmp_path / "run" / "eval_test.json").read_text())["episodes"] == 20

@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/python tools/demo.py
+	$(BIN)/python -m trainer.main --flagfile=configs/demo.cfg
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Meta-step benchmark: seconds per step, tasks/s, compile time and peak memory, as JSON lines.
+
+  python bench/bench_meta_step.py                                 # graph mode, both orders
+  python bench/bench_meta_step.py --jit_compile=false,true --cases=omniglot_5w1s,sinusoid
+  python bench/bench_meta_step.py --records=data/records/omniglot  # + the real training loop
+
+Each (case, order, jit) runs in a fresh subprocess so that its peak memory (GPU peak, or the
+process's max RSS on CPU) is its own. Inputs are random tensors of the case's shapes: the
+sampler is measured separately (bench_pipeline.py) and, with --records, together with the step
+in the learner's compiled training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "mini_5w5s",
+                            "sinusoid"], "Which cases to run.")
+flags.DEFINE_list("orders", ["second", "first"], "MAML orders to run.")
+flags.DEFINE_list("jit_compile", ["false"], "XLA settings to run (false,true). XLA on a CPU "
+                  "takes minutes per conv case.")
+flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up/compile step).")
+flags.DEFINE_string("records", None, "Omniglot records: also time the learner's training loop "
+                    "fed by the real sampler (5w1s, 15 query, meta-batch 32).")
+flags.DEFINE_string("single", None, "Internal: run one case as 'case,order,jit'.")
+
+# case: (model kwargs, n_way, k_shot, k_query, meta-batch, inner steps, inner lr)
+CASES = {
+    "omniglot_5w1s": (dict(kind="conv4", input_shape=(28, 28, 1), num_filters=64,
+                           downsample="stride", features="mean"), 5, 1, 15, 32, 1, 0.4),
+    "omniglot_20w1s": (dict(kind="conv4", input_shape=(28, 28, 1), num_filters=64,
+                            downsample="stride", features="mean"), 20, 1, 1, 16, 5, 0.1),
+    "mini_5w1s": (dict(kind="conv4", input_shape=(84, 84, 3), num_filters=32,
+                       downsample="maxpool", features="flatten"), 5, 1, 15, 4, 5, 0.01),
+    "mini_5w5s": (dict(kind="conv4", input_shape=(84, 84, 3), num_filters=32,
+                       downsample="maxpool", features="flatten"), 5, 5, 15, 2, 5, 0.01),
+    "sinusoid": (dict(kind="mlp", input_shape=(1,), hidden_sizes=(40, 40), norm="none"),
+                 1, 10, 10, 25, 1, 0.01),
+}
+
+
+def peak_memory_mb(tf) -> tuple[float, str]:
+  if tf.config.list_logical_devices("GPU"):
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, "gpu_peak"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "max_rss"
+
+
+def run_single(spec: str) -> dict:
+  import functools
+  import numpy as np
+  import tensorflow as tf
+  from trainer import maml, models
+  case, order, jit = spec.split(",")
+  model_kwargs, n, k, q, batch, steps, lr = CASES[case]
+  is_regression = model_kwargs["kind"] == "mlp"
+  cfg = models.ModelConfig(num_outputs=1 if is_regression else n, **model_kwargs)
+  meta = maml.MetaConfig(inner_steps=steps, inner_lr=lr, first_order=order == "first",
+                         loss="mse" if is_regression else "softmax")
+  params = {key: tf.constant(v) for key, v in models.init_params(cfg, 0).items()}
+  rng = np.random.default_rng(0)
+  if is_regression:
+    x = lambda m: tf.constant(rng.uniform(-5, 5, (batch, m, 1)), tf.float32)
+    inputs = {"support_x": x(k), "support_y": x(k), "query_x": x(q), "query_y": x(q)}
+  else:
+    shape = cfg.input_shape
+    labels = lambda m: tf.constant(np.tile(np.repeat(np.arange(n), m), (batch, 1)), tf.int32)
+    inputs = {"support_x": tf.constant(rng.uniform(0, 1, (batch, n * k) + shape), tf.float32),
+              "support_y": labels(k),
+              "query_x": tf.constant(rng.uniform(0, 1, (batch, n * q) + shape), tf.float32),
+              "query_y": labels(q)}
+  step = tf.function(functools.partial(maml.meta_gradients, cfg, meta, global_batch=batch),
+                     jit_compile=jit == "true")
+  start = time.perf_counter()
+  tf.nest.map_structure(lambda t: t.numpy(), step(params, None, inputs))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), step(params, None, inputs))
+    times.append(time.perf_counter() - start)
+  memory, kind = peak_memory_mb(tf)
+  median = float(np.median(times))
+  return {"bench": "meta_step", "case": case, "order": order, "jit_compile": jit == "true",
+          "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
+          "k_query": q, "seconds_per_step": round(median, 4),
+          "tasks_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),
+          f"{kind}_mb": round(memory, 1), "device": device(tf)}
+
+
+def device(tf) -> str:
+  gpus = tf.config.list_logical_devices("GPU")
+  if gpus:
+    return tf.config.experimental.get_device_details(
+        tf.config.list_physical_devices("GPU")[0]).get("device_name", "GPU")
+  return f"CPU {platform.machine()} x{os.cpu_count()}"
+
+
+def run_training_loop(records: str) -> dict:
+  import numpy as np
+  import tensorflow as tf
+  from pipeline import streams
+  from trainer import learner, maml, models, optim, tasks
+  task = tasks.FewShotClassification(records, 5, 1, 15, 15, 32, 32, seed=0)
+  cfg = models.ModelConfig("conv4", task.image_shape, 5, num_filters=64)
+  strategy = tf.distribute.OneDeviceStrategy(
+      "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0")
+  meta_learner = learner.MetaLearner(strategy, cfg, maml.MetaConfig(1, 0.4), optim.AdamConfig(),
+                                     seed=0, meta_batch_size=32, eval_inner_steps=1,
+                                     jit_compile=bool(tf.config.list_logical_devices("GPU")))
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0)))
+  meta_learner.train_loop(iterator, tf.constant(1))
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    float(meta_learner.train_loop(iterator, tf.constant(FLAGS.steps))["query_loss_post"])
+    times.append((time.perf_counter() - start) / FLAGS.steps)
+  median = float(np.median(times))
+  return {"bench": "training_loop", "case": "omniglot_5w1s", "fed_by": "pipeline sampler",
+          "seconds_per_step": round(median, 4), "tasks_per_s": round(32 / median, 1),
+          "device": device(tf)}
+
+
+def main(_):
+  if FLAGS.single:
+    print(json.dumps(run_single(FLAGS.single)), flush=True)
+    return
+  for case in FLAGS.cases:
+    for order in FLAGS.orders:
+      for jit in FLAGS.jit_compile:
+        result = subprocess.run(
+            [sys.executable, __file__, f"--single={case},{order},{jit}",
+             f"--steps={FLAGS.steps}"], capture_output=True, text=True)
+        line = [l for l in result.stdout.splitlines() if l.startswith("{")]
+        if result.returncode or not line:
+          print(json.dumps({"bench": "meta_step", "case": case, "order": order,
+                            "jit_compile": jit == "true", "error":
+                            (result.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
+        else:
+          print(line[-1], flush=True)
+  if FLAGS.records:
+    print(json.dumps(run_training_loop(FLAGS.records)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -77,8 +77,9 @@ flags.DEFINE_integer("steps_per_loop", 10, "Meta-steps per compiled loop (fewer 
                      "trips); clipped to the next log/eval/checkpoint boundary.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seeds initialization and every episode stream.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA-compile the meta-step. auto: on with a GPU/TPU, off on CPU, where XLA's "
-                  "convolution gradients measured ~80x slower (bench/bench_meta_step.py).")
+                  "XLA-compile the meta-step. auto: on with a GPU/TPU; on CPU only for MLPs "
+                  "(1.6x faster), not for conv4, whose XLA convolution gradients measured "
+                  "~80x slower there (bench/bench_meta_step.py).")
 flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES),
                   "auto: mirrored over several GPUs, else one device. multi_worker reads "
                   "TF_CONFIG; tpu uses --tpu.")

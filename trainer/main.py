@@ -49,9 +49,10 @@ def main(argv):
       value = getattr(FLAGS, name) or FLAGS.meta_batch_size
       if value % replicas:
         raise DataError(f"--{name}={value} is not divisible by the {replicas} replicas")
-    jit = {"true": True, "false": False}.get(FLAGS.jit_compile, distribute.has_accelerator())
     run = config.run_config()
     model = config.model_config(task.image_shape, FLAGS.n_way)
+    jit = {"true": True, "false": False}.get(FLAGS.jit_compile,
+                                             distribute.default_jit_compile(model.kind))
     meta_learner = learner.MetaLearner(
         strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
         meta_batch_size=FLAGS.meta_batch_size,

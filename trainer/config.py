@@ -18,8 +18,9 @@ from trainer import distribute, maml, models, optim
 FLAGS = flags.FLAGS
 
 # --- what to learn ---
-flags.DEFINE_enum("dataset", "omniglot", ["omniglot", "miniimagenet", "sinusoid"],
-                  "Task family. Image datasets read --data_dir; sinusoid is generated.")
+flags.DEFINE_enum("dataset", "omniglot", ["omniglot", "miniimagenet", "sinusoid", "rl"],
+                  "Task family. Image datasets read --data_dir; sinusoid is generated; rl "
+                  "meta-trains a policy on --env (needs the 'rl' extra).")
 flags.DEFINE_string("data_dir", None, "Records folder from tools/build_tfrecords.py "
                     "(default data/records/<dataset>). Unused for sinusoid.")
 flags.DEFINE_integer("n_way", 5, "Classes per episode.", lower_bound=1)
@@ -58,6 +59,27 @@ flags.DEFINE_boolean("learn_inner_lr", False, "Meta-SGD: meta-learn one inner ra
 flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate of the meta-update.", lower_bound=0.0)
 flags.DEFINE_float("clip_value", 0.0, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
                    "MiniImagenet); 0 disables.", lower_bound=0.0)
+
+# --- meta-reinforcement learning (--dataset=rl) ---
+flags.DEFINE_string("env", "2DNavigation-v0", "RL task family: 2DNavigation-v0, Bandit-K5-v0, "
+                    "Bandit-K10-v0, Bandit-K50-v0, TabularMDP-v0, HalfCheetahVel-v5, "
+                    "HalfCheetahDir-v5, AntVel-v5, AntDir-v5, AntGoal-v5.")
+flags.DEFINE_integer("rollouts_per_task", 20, "Episodes per task and per adaptation round.",
+                     lower_bound=1)
+flags.DEFINE_integer("horizon", 0, "Episode length (0: the task family's: 100 navigation, "
+                     "200 locomotion, 10 bandits/MDPs).", lower_bound=0)
+flags.DEFINE_float("gamma", 0.99, "Discount.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("gae_lambda", 1.0, "GAE lambda.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("outer_optimizer", "trpo", ["trpo", "adam"], "Meta-optimizer for RL.")
+flags.DEFINE_float("max_kl", 0.01, "TRPO KL bound.", lower_bound=0.0)
+flags.DEFINE_integer("cg_iters", 10, "TRPO conjugate-gradient iterations.", lower_bound=1)
+flags.DEFINE_float("cg_damping", 1e-5, "TRPO damping added to the Fisher-vector products.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("ls_max_steps", 15, "TRPO line-search halvings.", lower_bound=1)
+flags.DEFINE_float("ls_backtrack_ratio", 0.5, "TRPO line-search step ratio.", lower_bound=0.0,
+                   upper_bound=1.0)
+flags.DEFINE_integer("num_workers", 0, "Rollout worker processes (0: in-process).",
+                     lower_bound=0)
 
 # --- run ---
 flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"],

@@ -81,13 +81,16 @@ class _Logs:
       self.jsonl.close()
 
 
-def _distributed(strategy, make):
+def _distributed(strategy, task, make):
+  """tf.data tasks are spread over replicas; host-side ones (RL's task lists) are used as is."""
+  if getattr(task, "host_side", False):
+    return make(streams.Sharding())
   return strategy.distribute_datasets_from_function(
       lambda ctx: make(streams.Sharding.from_input_context(ctx)))
 
 
 def run_evaluation(learner, task, split: str, episodes: int) -> dict:
-  ds = _distributed(learner.strategy,
+  ds = _distributed(learner.strategy, task,
                     lambda sharding: task.eval_dataset(split, episodes, sharding))
   losses, metrics = learner.evaluate(ds)
   return evaluation.summarize(task.metric, split, metrics, losses,
@@ -117,7 +120,7 @@ def train(learner, task, cfg: RunConfig) -> dict:
   step = int(learner.step.numpy())
   best_path = cfg.model_dir / "best.json"
   best = json.loads(best_path.read_text()) if best_path.exists() else None
-  iterator = iter(_distributed(strategy, lambda s: task.train_dataset(s, step)))
+  iterator = iter(_distributed(strategy, task, lambda s: task.train_dataset(s, step)))
   logs = _Logs(cfg.model_dir, chief, cfg.num_iterations, step)
   status = "finished"
   try:

@@ -36,44 +36,81 @@ def build_task():
   return task
 
 
+def build_rl(strategy):
+  """Task and learner for --dataset=rl (imported lazily: gymnasium and MuJoCo are an extra)."""
+  from rl import envs, learner as rl_learner, maml_rl, policies, sampler, task as rl_task
+  if FLAGS.env not in envs.ENVS:
+    raise DataError(f"--env={FLAGS.env}: unknown (known: {', '.join(sorted(envs.ENVS))})")
+  horizon = FLAGS.horizon or envs.horizon(FLAGS.env)
+  vector = sampler.VectorSampler(FLAGS.env, FLAGS.meta_batch_size * FLAGS.rollouts_per_task,
+                                 FLAGS.num_workers)
+  policy = policies.PolicyConfig("categorical" if vector.discrete else "gaussian",
+                                 vector.obs_dim, vector.action_dim,
+                                 tuple(int(h) for h in FLAGS.hidden_sizes))
+  cfg = rl_learner.RLConfig(
+      env=FLAGS.env, meta_batch_size=FLAGS.meta_batch_size,
+      rollouts_per_task=FLAGS.rollouts_per_task, horizon=horizon, inner_lr=FLAGS.inner_lr,
+      inner_steps=FLAGS.inner_steps, eval_inner_steps=FLAGS.eval_inner_steps or 3,
+      first_order=FLAGS.first_order, gamma=FLAGS.gamma, gae_lambda=FLAGS.gae_lambda,
+      outer_optimizer=FLAGS.outer_optimizer, meta_lr=FLAGS.meta_lr,
+      trpo=maml_rl.TRPOConfig(FLAGS.max_kl, FLAGS.cg_iters, FLAGS.cg_damping,
+                              FLAGS.ls_max_steps, FLAGS.ls_backtrack_ratio))
+  task = rl_task.MetaRLTask(vector, FLAGS.meta_batch_size, FLAGS.seed)
+  return task, rl_learner.RLMetaLearner(strategy, cfg, policy, vector, seed=FLAGS.seed)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   try:
-    task = build_task()
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    replicas = strategy.num_replicas_in_sync
-    for name in ("meta_batch_size", "eval_batch_size"):
-      value = getattr(FLAGS, name) or FLAGS.meta_batch_size
-      if value % replicas:
-        raise DataError(f"--{name}={value} is not divisible by the {replicas} replicas")
-    run = config.run_config()
-    model = config.model_config(task.image_shape, FLAGS.n_way)
-    jit = {"true": True, "false": False}.get(FLAGS.jit_compile,
-                                             distribute.default_jit_compile(model.kind))
-    meta_learner = learner.MetaLearner(
-        strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
-        meta_batch_size=FLAGS.meta_batch_size,
-        eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit,
-        eval_batch_size=FLAGS.eval_batch_size)
+    if FLAGS.dataset == "rl":
+      task, meta_learner = build_rl(strategy)
+      jit = False
+    else:
+      task, meta_learner, jit = build_supervised(strategy)
+    run_cfg = config.run_config()
   except (DataError, ValueError) as e:
     print(f"trainer: error: {e}", file=sys.stderr)
     return 1
-  logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run.model_dir,
-               type(strategy).__name__, replicas, jit)
-  if run.mode in ("train", "train_eval"):
+  logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
+               type(strategy).__name__, strategy.num_replicas_in_sync, jit)
+  return execute(task, meta_learner, run_cfg)
+
+
+def build_supervised(strategy):
+  task = build_task()
+  replicas = strategy.num_replicas_in_sync
+  for name in ("meta_batch_size", "eval_batch_size"):
+    value = getattr(FLAGS, name) or FLAGS.meta_batch_size
+    if value % replicas:
+      raise DataError(f"--{name}={value} is not divisible by the {replicas} replicas")
+  model = config.model_config(task.image_shape, FLAGS.n_way)
+  jit = {"true": True, "false": False}.get(FLAGS.jit_compile,
+                                           distribute.default_jit_compile(model.kind))
+  meta_learner = learner.MetaLearner(
+      strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
+      meta_batch_size=FLAGS.meta_batch_size,
+      eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit,
+      eval_batch_size=FLAGS.eval_batch_size)
+  return task, meta_learner, jit
+
+
+def execute(task, meta_learner, run_cfg) -> int:
+  """Train and/or meta-test, as --mode says; the same for supervised and RL learners."""
+  if run_cfg.mode in ("train", "train_eval"):
     try:
-      result = loop.train(meta_learner, task, run)
+      result = loop.train(meta_learner, task, run_cfg)
     except loop.TrainingDiverged as e:
       print(f"trainer: error: {e}", file=sys.stderr)
       return 2
     if result["status"] == "preempted":
       return 0
-  if run.mode in ("eval", "train_eval"):
+  if run_cfg.mode in ("eval", "train_eval"):
     try:
-      summary = loop.evaluate(meta_learner, task, run)
+      summary = loop.evaluate(meta_learner, task, run_cfg)
     except FileNotFoundError as e:
       print(f"trainer: error: {e}", file=sys.stderr)
       return 1

@@ -1,0 +1,323 @@
+"""MAML-RL task distributions as gymnasium environments (arXiv 1703.03400, section 5.3, A.2).
+
+Each environment holds one task at a time: ``sample_tasks(n, rng)`` draws task descriptions
+(plain dicts, picklable, so worker processes can receive them) and ``reset_task(task)`` makes
+one current. The locomotion tasks subclass gymnasium's MuJoCo v5 environments and replace
+only the reward (and, for Ant goal, nothing else), so physics and observations stay upstream's.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class TaskEnv:
+  """The interface the sampler relies on."""
+
+  def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
+    raise NotImplementedError
+
+  def reset_task(self, task: dict) -> None:
+    raise NotImplementedError
+
+
+# --- 2D navigation -------------------------------------------------------------------------------
+
+
+class Navigation2D(TaskEnv, gym.Env):
+  """Point agent from the origin to a goal drawn uniformly in the unit square [-0.5, 0.5]^2.
+
+  Observation: position. Action: velocity, clipped to [-0.1, 0.1]. Reward: minus the squared
+  distance to the goal after the move. Done within 0.01 of the goal (each coordinate); the
+  horizon (100) is the sampler's.
+  """
+
+  def __init__(self, task: dict | None = None):
+    self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
+    self._goal = np.zeros(2)
+    self._state = np.zeros(2)
+    if task:
+      self.reset_task(task)
+
+  def sample_tasks(self, n, rng):
+    return [{"goal": g} for g in rng.uniform(-0.5, 0.5, (n, 2)).tolist()]
+
+  def reset_task(self, task):
+    self._goal = np.asarray(task["goal"], np.float64)
+
+  def reset(self, *, seed=None, options=None):
+    super().reset(seed=seed)
+    self._state = np.zeros(2)
+    return self._state.astype(np.float32), {}
+
+  def step(self, action):
+    action = np.clip(action, -0.1, 0.1)
+    self._state = self._state + action
+    delta = self._state - self._goal
+    reward = -float(np.sum(delta ** 2))
+    done = bool(np.all(np.abs(delta) < 0.01))
+    return self._state.astype(np.float32), reward, done, False, {"task": {"goal": self._goal}}
+
+
+# --- bandits and tabular MDPs --------------------------------------------------------------------
+
+
+class BernoulliBandit(TaskEnv, gym.Env):
+  """K arms with success probabilities drawn U[0, 1] per task; a constant observation."""
+
+  def __init__(self, k: int = 5, task: dict | None = None):
+    self.k = k
+    self.observation_space = spaces.Box(0.0, 0.0, (1,), np.float32)
+    self.action_space = spaces.Discrete(k)
+    self._means = np.full(k, 0.5)
+    if task:
+      self.reset_task(task)
+
+  def sample_tasks(self, n, rng):
+    return [{"means": m} for m in rng.uniform(0, 1, (n, self.k)).tolist()]
+
+  def reset_task(self, task):
+    self._means = np.asarray(task["means"], np.float64)
+
+  def reset(self, *, seed=None, options=None):
+    super().reset(seed=seed)
+    return np.zeros(1, np.float32), {}
+
+  def step(self, action):
+    reward = float(self.np_random.random() < self._means[int(action)])
+    return np.zeros(1, np.float32), reward, False, False, {}
+
+
+class TabularMDP(TaskEnv, gym.Env):
+  """Random MDPs: transitions ~ Dirichlet(1), mean rewards ~ N(1, 1); one-hot state observation."""
+
+  def __init__(self, num_states: int = 10, num_actions: int = 5, task: dict | None = None):
+    self.num_states, self.num_actions = num_states, num_actions
+    self.observation_space = spaces.Box(0.0, 1.0, (num_states,), np.float32)
+    self.action_space = spaces.Discrete(num_actions)
+    self._transitions = np.full((num_states, num_actions, num_states), 1.0 / num_states)
+    self._rewards = np.zeros((num_states, num_actions))
+    self._state = 0
+    if task:
+      self.reset_task(task)
+
+  def sample_tasks(self, n, rng):
+    shape = (self.num_states, self.num_actions)
+    return [{"transitions": rng.dirichlet(np.ones(self.num_states), size=shape).tolist(),
+             "rewards": rng.normal(1.0, 1.0, shape).tolist()} for _ in range(n)]
+
+  def reset_task(self, task):
+    self._transitions = np.asarray(task["transitions"])
+    self._rewards = np.asarray(task["rewards"])
+
+  def _obs(self):
+    obs = np.zeros(self.num_states, np.float32)
+    obs[self._state] = 1.0
+    return obs
+
+  def reset(self, *, seed=None, options=None):
+    super().reset(seed=seed)
+    self._state = 0
+    return self._obs(), {}
+
+  def step(self, action):
+    reward = float(self._rewards[self._state, int(action)])
+    p = self._transitions[self._state, int(action)]
+    self._state = int(self.np_random.choice(self.num_states, p=p / p.sum()))
+    return self._obs(), reward, False, False, {}
+
+
+# --- MuJoCo locomotion ---------------------------------------------------------------------------
+
+
+def _mujoco():
+  from gymnasium.envs.mujoco.ant_v5 import AntEnv
+  from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+  return AntEnv, HalfCheetahEnv
+
+
+def _half_cheetah_base():
+  return _mujoco()[1]
+
+
+def _ant_base():
+  return _mujoco()[0]
+
+
+class _CheetahTask(TaskEnv):
+  """Shared by the HalfCheetah tasks: control cost 0.05 * |a|^2, as in the MAML code."""
+
+  CTRL = 0.05
+
+
+def make_half_cheetah_vel(**kwargs):
+  base = _half_cheetah_base()
+
+  class HalfCheetahVel(_CheetahTask, base):
+    """Reward -|v - v_goal| - 0.05 |a|^2, v_goal ~ U[0, 2]."""
+
+    def __init__(self, task=None, **kw):
+      base.__init__(self, ctrl_cost_weight=self.CTRL, **kw)
+      self._goal_vel = 1.0
+      if task:
+        self.reset_task(task)
+
+    def sample_tasks(self, n, rng):
+      return [{"velocity": v} for v in rng.uniform(0.0, 2.0, n).tolist()]
+
+    def reset_task(self, task):
+      self._goal_vel = float(task["velocity"])
+
+    def _get_rew(self, x_velocity, action):
+      forward = -abs(x_velocity - self._goal_vel)
+      ctrl = self.control_cost(action)
+      return forward - ctrl, {"reward_forward": forward, "reward_ctrl": -ctrl}
+
+  return HalfCheetahVel(**kwargs)
+
+
+def make_half_cheetah_dir(**kwargs):
+  base = _half_cheetah_base()
+
+  class HalfCheetahDir(_CheetahTask, base):
+    """Reward d * v - 0.05 |a|^2 with direction d = +1 (forward) or -1 (backward)."""
+
+    def __init__(self, task=None, **kw):
+      base.__init__(self, ctrl_cost_weight=self.CTRL, **kw)
+      self._direction = 1.0
+      if task:
+        self.reset_task(task)
+
+    def sample_tasks(self, n, rng):
+      return [{"direction": d} for d in rng.choice([-1.0, 1.0], n).tolist()]
+
+    def reset_task(self, task):
+      self._direction = float(task["direction"])
+
+    def _get_rew(self, x_velocity, action):
+      forward = self._direction * x_velocity
+      ctrl = self.control_cost(action)
+      return forward - ctrl, {"reward_forward": forward, "reward_ctrl": -ctrl}
+
+  return HalfCheetahDir(**kwargs)
+
+
+def _ant_reward(env, progress, action):
+  ctrl, contact = env.control_cost(action), env.contact_cost
+  reward = progress + env.healthy_reward - ctrl - contact
+  return reward, {"reward_forward": progress, "reward_ctrl": -ctrl, "reward_contact": -contact,
+                  "reward_survive": env.healthy_reward}
+
+
+def make_ant_vel(**kwargs):
+  base = _ant_base()
+
+  class AntVel(TaskEnv, base):
+    """Reward -|v - v_goal| + survive - control - contact, v_goal ~ U[0, 3]."""
+
+    def __init__(self, task=None, **kw):
+      base.__init__(self, **kw)
+      self._goal_vel = 1.0
+      if task:
+        self.reset_task(task)
+
+    def sample_tasks(self, n, rng):
+      return [{"velocity": v} for v in rng.uniform(0.0, 3.0, n).tolist()]
+
+    def reset_task(self, task):
+      self._goal_vel = float(task["velocity"])
+
+    def _get_rew(self, x_velocity, action):
+      return _ant_reward(self, -abs(x_velocity - self._goal_vel), action)
+
+  return AntVel(**kwargs)
+
+
+def make_ant_dir(**kwargs):
+  base = _ant_base()
+
+  class AntDir(TaskEnv, base):
+    """Reward d * v + survive - control - contact, d = +1 or -1."""
+
+    def __init__(self, task=None, **kw):
+      base.__init__(self, **kw)
+      self._direction = 1.0
+      if task:
+        self.reset_task(task)
+
+    def sample_tasks(self, n, rng):
+      return [{"direction": d} for d in rng.choice([-1.0, 1.0], n).tolist()]
+
+    def reset_task(self, task):
+      self._direction = float(task["direction"])
+
+    def _get_rew(self, x_velocity, action):
+      return _ant_reward(self, self._direction * x_velocity, action)
+
+  return AntDir(**kwargs)
+
+
+def make_ant_goal(**kwargs):
+  base = _ant_base()
+
+  class AntGoal(TaskEnv, base):
+    """Reward -|xy - goal|_1 + survive - control - contact; goal uniform in a disc of radius 3."""
+
+    def __init__(self, task=None, **kw):
+      base.__init__(self, **kw)
+      self._goal = np.zeros(2)
+      if task:
+        self.reset_task(task)
+
+    def sample_tasks(self, n, rng):
+      angle = rng.uniform(0, 2 * np.pi, n)
+      radius = 3.0 * np.sqrt(rng.uniform(0, 1, n))
+      return [{"goal": [r * np.cos(a), r * np.sin(a)]} for a, r in zip(angle, radius)]
+
+    def reset_task(self, task):
+      self._goal = np.asarray(task["goal"], np.float64)
+
+    def _get_rew(self, x_velocity, action):
+      xy = self.data.body(self._main_body).xpos[:2]
+      return _ant_reward(self, -float(np.sum(np.abs(xy - self._goal))), action)
+
+  return AntGoal(**kwargs)
+
+
+# name -> (factory, horizon, discrete actions?)
+ENVS = {
+    "2DNavigation-v0": (Navigation2D, 100),
+    "Bandit-K5-v0": (lambda **kw: BernoulliBandit(5, **kw), 10),
+    "Bandit-K10-v0": (lambda **kw: BernoulliBandit(10, **kw), 10),
+    "Bandit-K50-v0": (lambda **kw: BernoulliBandit(50, **kw), 10),
+    "TabularMDP-v0": (TabularMDP, 10),
+    "HalfCheetahVel-v5": (make_half_cheetah_vel, 200),
+    "HalfCheetahDir-v5": (make_half_cheetah_dir, 200),
+    "AntVel-v5": (make_ant_vel, 200),
+    "AntDir-v5": (make_ant_dir, 200),
+    "AntGoal-v5": (make_ant_goal, 200),
+}
+
+
+def make(name: str, **kwargs):
+  if name not in ENVS:
+    raise ValueError(f"--env={name}: unknown (known: {', '.join(sorted(ENVS))})")
+  return ENVS[name][0](**kwargs)
+
+
+def horizon(name: str) -> int:
+  return ENVS[name][1]
+
+
+def register() -> None:
+  """Registers every task family as a gymnasium id under ``maml/``."""
+  for name, (factory, steps) in ENVS.items():
+    env_id = f"maml/{name}"
+    if env_id not in gym.registry:
+      gym.register(env_id, entry_point=factory, max_episode_steps=steps)
+
+
+register()

@@ -1,0 +1,144 @@
+"""The MAML-RL meta-learner, with the interface :mod:`trainer.loop` drives.
+
+Like :class:`trainer.learner.MetaLearner` it offers ``train_loop(iterator, n)``, ``evaluate``,
+``step``, ``strategy`` and ``checkpoint_items``, so RL runs use the same entry point,
+checkpoints and resume, logs, progress bar and evaluation report. Rollouts run on the host
+(environments are Python); gradients, the inner step and TRPO run in compiled TF functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from rl import maml_rl, policies, returns
+from rl.sampler import Rollouts, VectorSampler
+from trainer import optim
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  env: str
+  meta_batch_size: int = 20  # tasks per meta-iteration
+  rollouts_per_task: int = 20
+  horizon: int = 100
+  inner_lr: float = 0.1
+  inner_steps: int = 1
+  eval_inner_steps: int = 3
+  first_order: bool = False
+  gamma: float = 0.99
+  gae_lambda: float = 1.0
+  outer_optimizer: str = "trpo"  # or "adam"
+  meta_lr: float = 1e-3  # adam only
+  trpo: maml_rl.TRPOConfig = maml_rl.TRPOConfig()
+
+
+class RLMetaLearner:
+  def __init__(self, strategy: tf.distribute.Strategy, cfg: RLConfig,
+               policy: policies.PolicyConfig, sampler: VectorSampler, *, seed: int):
+    if strategy.num_replicas_in_sync != 1:
+      raise ValueError("RL meta-training runs on one device (sampling dominates its time); "
+                       "use --strategy=auto or one_device")
+    self.strategy, self.cfg, self.policy, self.sampler = strategy, cfg, policy, sampler
+    with strategy.scope():
+      self.params = {k: tf.Variable(v, name=k) for k, v in policies.init_params(policy, seed).items()}
+      self.optimizer = optim.Adam(optim.AdamConfig(cfg.meta_lr), self.params)
+    self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order)
+    self._adapt = tf.function(lambda p, pre: maml_rl.adapt(policy, p, pre, cfg.inner_lr, True))
+    self._inner_losses = tf.function(
+        lambda p, pre: maml_rl.inner_losses(policy, maml_rl.tile(p, cfg.meta_batch_size), pre))
+
+  @property
+  def step(self) -> tf.Variable:
+    return self.optimizer.iterations
+
+  def checkpoint_items(self) -> dict:
+    return {"params": self.params, "optimizer": self.optimizer.state()}
+
+  # --- rollouts ---------------------------------------------------------------------------------
+
+  def _rollouts(self, tasks: list[dict], fast: dict[str, np.ndarray], seed: int) -> Rollouts:
+    M, R = len(tasks), self.cfg.rollouts_per_task
+    env_tasks = [tasks[e // R] for e in range(M * R)]
+
+    def act(obs, rng):
+      actions = policies.sample_actions(self.policy, fast, obs.reshape(M, R, -1), rng)
+      return actions.reshape((M * R,) + actions.shape[2:])
+
+    return self.sampler.rollouts(env_tasks, act, self.cfg.horizon, seed)
+
+  def _batch(self, tasks: list[dict], rollouts: Rollouts) -> dict:
+    """Per-task tensors with per-task baselines and normalized GAE advantages."""
+    M, R, T = len(tasks), self.cfg.rollouts_per_task, self.cfg.horizon
+    adv = np.zeros_like(rollouts.rewards)
+    for m in range(M):
+      rows = slice(m * R, (m + 1) * R)
+      rew, mask, obs = rollouts.rewards[rows], rollouts.mask[rows], rollouts.obs[rows]
+      values = returns.fit_linear_baseline(obs, returns.discounted_returns(rew, mask, self.cfg.gamma),
+                                           mask)
+      adv[rows] = returns.normalize(returns.gae(rew, values, mask, self.cfg.gamma,
+                                                self.cfg.gae_lambda), mask)
+    per_task = lambda x: x.reshape((M, R * T) + x.shape[2:])
+    return {"obs": tf.constant(per_task(rollouts.obs)),
+            "actions": tf.constant(per_task(rollouts.actions).astype(
+                np.int32 if self.sampler.discrete else np.float32)),
+            "advantages": tf.constant(per_task(adv), tf.float32),
+            "mask": tf.constant(per_task(rollouts.mask), tf.float32)}
+
+  def _numpy_tiled(self, M: int) -> dict[str, np.ndarray]:
+    return {k: np.broadcast_to(v.numpy()[None], (M,) + tuple(v.shape)) for k, v in self.params.items()}
+
+  def _adapt_and_roll(self, tasks, seed, steps):
+    """Alternates sampling and inner steps; returns batches and mean return per round."""
+    fast = self._numpy_tiled(len(tasks))
+    batches, per_task_returns = [], []
+    for round_ in range(steps + 1):
+      rollouts = self._rollouts(tasks, fast, seed * 1000 + round_)
+      R = self.cfg.rollouts_per_task
+      per_task_returns.append(rollouts.returns.reshape(len(tasks), R).mean(axis=1))
+      batches.append(self._batch(tasks, rollouts))
+      if round_ < steps:
+        adapted = self._adapt({k: tf.identity(v) for k, v in self.params.items()}, batches)
+        fast = {k: v.numpy() for k, v in adapted.items()}
+    return batches, per_task_returns
+
+  # --- the trainer's interface -------------------------------------------------------------------
+
+  def meta_iteration(self, tasks: list[dict], seed: int) -> dict:
+    batches, rets = self._adapt_and_roll(tasks, seed, self.cfg.inner_steps)
+    pre, post = batches[:-1], batches[-1]
+    params = {k: tf.identity(v) for k, v in self.params.items()}
+    inner_loss = float(tf.reduce_mean(self._inner_losses(params, pre[0])))
+    if self.cfg.outer_optimizer == "trpo":
+      new, info = self._trpo(params, pre, post)
+      for k, v in self.params.items():
+        v.assign(new[k])
+      self.optimizer.iterations.assign_add(1)
+      outer_loss = info["surrogate_after"]
+    else:
+      old_logp, old_dist = self._trpo.old_policy(params, pre, post)
+      grads, surrogate, _ = self._trpo.gradient(params, pre, post, old_logp, old_dist)
+      self.optimizer.apply(self.params, grads)
+      outer_loss = float(surrogate)
+    return {"support_loss_pre": inner_loss, "support_metric_pre": float(rets[0].mean()),
+            "query_loss_post": outer_loss, "query_metric_post": float(rets[-1].mean())}
+
+  def train_loop(self, iterator, num_steps) -> dict:
+    totals = None
+    n = int(num_steps)
+    for _ in range(n):
+      tasks, seed = next(iterator)
+      metrics = self.meta_iteration(tasks, seed)
+      totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
+    return {k: v / n for k, v in totals.items()}
+
+  def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Average return per task after 0..eval_inner_steps steps ``[steps+1, tasks]``."""
+    per_round = []
+    for tasks, seed in dataset:
+      _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps)
+      per_round.append(np.stack(rets))
+    metrics = np.concatenate(per_round, axis=1)
+    return -metrics, metrics

@@ -1,0 +1,152 @@
+"""MAML-RL's objectives and the TRPO meta-update, as functions of tensors.
+
+Batches are per task: ``obs [M, N, d]``, ``actions``, ``advantages [M, N]``, ``mask [M, N]``
+with ``N = rollouts x horizon``. The inner step is REINFORCE on the pre-update rollouts; the
+outer objective is the importance-weighted surrogate on the post-update rollouts, whose
+gradient flows back through the inner step (second order unless ``first_order``). The KL
+constraint is the mean KL between the post-update policies before and after the meta-update,
+and its Hessian-vector products differentiate through the inner step too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from rl import policies
+
+
+@dataclasses.dataclass(frozen=True)
+class TRPOConfig:
+  max_kl: float = 0.01
+  cg_iters: int = 10
+  cg_damping: float = 1e-5
+  ls_max_steps: int = 15
+  ls_backtrack_ratio: float = 0.5
+
+
+def _masked_mean(x, mask):
+  return tf.reduce_sum(x * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+
+def inner_losses(cfg: policies.PolicyConfig, fast: dict, batch: dict) -> tf.Tensor:
+  """REINFORCE loss of each task ``[M]``: -E[log pi(a|s) A]."""
+  logp = policies.log_prob(cfg, fast, batch["obs"], batch["actions"])
+  return -_masked_mean(logp * batch["advantages"], batch["mask"])
+
+
+def tile(params: dict, tasks: int) -> dict:
+  return {k: tf.tile(v[None], [tasks] + [1] * v.shape.rank) for k, v in params.items()}
+
+
+def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool):
+  """Per-task parameters after one inner step per batch in ``pre_batches``."""
+  tasks = pre_batches[0]["obs"].shape[0]
+  fast = tile(params, tasks)
+  for batch in pre_batches:
+    with tf.GradientTape() as tape:
+      tape.watch(list(fast.values()))
+      loss = tf.reduce_sum(inner_losses(cfg, fast, batch))
+    grads = tape.gradient(loss, fast)
+    if first_order:
+      grads = {k: tf.stop_gradient(g) for k, g in grads.items()}
+    fast = {k: fast[k] - inner_lr * grads[k] for k in fast}
+  return fast
+
+
+def surrogate_and_kl(cfg, params, pre_batches, post, old_logp, old_dist, inner_lr, first_order):
+  """Mean over tasks of the surrogate loss and of KL(old || new) on the post-update rollouts."""
+  fast = adapt(cfg, params, pre_batches, inner_lr, first_order)
+  logp = policies.log_prob(cfg, fast, post["obs"], post["actions"])
+  ratio = tf.exp(logp - old_logp)
+  surrogate = tf.reduce_mean(-_masked_mean(ratio * post["advantages"], post["mask"]))
+  kl = policies.kl(cfg, old_dist, policies.distribution(cfg, fast, post["obs"]))
+  return surrogate, tf.reduce_mean(_masked_mean(kl, post["mask"]))
+
+
+# --- flat-vector helpers for conjugate gradient --------------------------------------------------
+
+
+def dot(a: dict, b: dict) -> tf.Tensor:
+  return tf.add_n([tf.reduce_sum(a[k] * b[k]) for k in a])
+
+
+def conjugate_gradient(matvec, b: dict, iters: int, tol: float = 1e-10) -> dict:
+  """Solves ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``."""
+  x = {k: tf.zeros_like(v) for k, v in b.items()}
+  r = dict(b)
+  p = dict(b)
+  rr = dot(r, r)
+  for _ in range(iters):
+    Ap = matvec(p)
+    alpha = rr / (dot(p, Ap) + 1e-20)
+    x = {k: x[k] + alpha * p[k] for k in x}
+    r = {k: r[k] - alpha * Ap[k] for k in r}
+    rr_new = dot(r, r)
+    if float(rr_new) < tol:
+      break
+    p = {k: r[k] + (rr_new / rr) * p[k] for k in p}
+    rr = rr_new
+  return x
+
+
+class TRPOStep:
+  """Compiled pieces of one TRPO meta-update; shapes are fixed per configuration."""
+
+  def __init__(self, cfg: policies.PolicyConfig, trpo: TRPOConfig, inner_lr: float,
+               first_order: bool):
+    self.cfg, self.trpo = cfg, trpo
+    objective = lambda p, pre, post, old_logp, old_dist: surrogate_and_kl(
+        cfg, p, pre, post, old_logp, old_dist, inner_lr, first_order)
+    self.objective = tf.function(objective)
+
+    @tf.function
+    def old_policy(params, pre, post):
+      fast = adapt(cfg, params, pre, inner_lr, first_order)
+      return (policies.log_prob(cfg, fast, post["obs"], post["actions"]),
+              policies.distribution(cfg, fast, post["obs"]))
+
+    @tf.function
+    def gradient(params, pre, post, old_logp, old_dist):
+      with tf.GradientTape() as tape:
+        tape.watch(list(params.values()))
+        surrogate, kl = objective(params, pre, post, old_logp, old_dist)
+      return tape.gradient(surrogate, params), surrogate, kl
+
+    @tf.function
+    def fisher_vector(params, pre, post, old_logp, old_dist, vector):
+      with tf.GradientTape() as outer:
+        outer.watch(list(params.values()))
+        with tf.GradientTape() as inner:
+          inner.watch(list(params.values()))
+          _, kl = objective(params, pre, post, old_logp, old_dist)
+        grads = inner.gradient(kl, params)
+        grad_v = dot(grads, vector)
+      hv = outer.gradient(grad_v, params)
+      return {k: hv[k] + trpo.cg_damping * vector[k] for k in hv}
+
+    self.old_policy, self.gradient, self.fisher_vector = old_policy, gradient, fisher_vector
+
+  def __call__(self, params: dict, pre: list[dict], post: dict) -> tuple[dict, dict]:
+    """Returns the new parameters and diagnostics; keeps the old ones if no step is accepted."""
+    old_logp, old_dist = self.old_policy(params, pre, post)
+    grads, surrogate, _ = self.gradient(params, pre, post, old_logp, old_dist)
+    matvec = lambda v: self.fisher_vector(params, pre, post, old_logp, old_dist, v)
+    direction = conjugate_gradient(matvec, grads, self.trpo.cg_iters)
+    shs = 0.5 * float(dot(direction, matvec(direction)))
+    if not shs > 0:
+      return params, {"surrogate_before": float(surrogate), "surrogate_after": float(surrogate),
+                      "kl": 0.0, "accepted": 0.0}
+    scale = (self.trpo.max_kl / shs) ** 0.5
+    fraction = 1.0
+    for _ in range(self.trpo.ls_max_steps):
+      candidate = {k: params[k] - fraction * scale * direction[k] for k in params}
+      new_surrogate, kl = self.objective(candidate, pre, post, old_logp, old_dist)
+      if float(new_surrogate) < float(surrogate) and float(kl) <= self.trpo.max_kl:
+        return candidate, {"surrogate_before": float(surrogate),
+                           "surrogate_after": float(new_surrogate), "kl": float(kl),
+                           "accepted": 1.0}
+      fraction *= self.trpo.ls_backtrack_ratio
+    return params, {"surrogate_before": float(surrogate), "surrogate_after": float(surrogate),
+                    "kl": 0.0, "accepted": 0.0}

@@ -1,0 +1,40 @@
+"""MAML-RL as a trainer task: seeded task streams for training, fixed task sets for evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+
+from rl.sampler import VectorSampler
+
+
+@dataclasses.dataclass
+class MetaRLTask:
+  sampler: VectorSampler
+  meta_batch_size: int
+  seed: int
+  metric = "return"
+  loss = "surrogate"
+  higher_is_better = True
+  host_side = True  # batches are task lists for the host-side sampler, not tf.data
+
+  def _tasks(self, *key) -> tuple[list[dict], int]:
+    seq = np.random.SeedSequence([self.seed, *key])
+    rng = np.random.default_rng(seq)
+    return self.sampler.sample_tasks(self.meta_batch_size, rng), int(seq.generate_state(1)[0])
+
+  def train_dataset(self, sharding, start_step: int):
+    """Meta-iteration ``s`` gets tasks and rollout seeds that depend on (seed, s) only."""
+    del sharding
+    step = start_step
+    while True:
+      yield self._tasks(0, step)
+      step += 1
+
+  def eval_dataset(self, split: str, num_tasks: int, sharding) -> list:
+    del sharding
+    code = zlib.crc32(split.encode())
+    batches = -(-num_tasks // self.meta_batch_size)
+    return [self._tasks(1, code, b) for b in range(batches)]

@@ -1,0 +1,281 @@
+"""MAML-RL: task definitions, sampler, returns, conjugate gradient, TRPO and a short training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rl import envs, maml_rl, policies, returns
+from rl.sampler import VectorSampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- environments ------------------------------------------------------------------------------
+
+
+def test_navigation_reward_clipping_termination_and_goals():
+  env = envs.Navigation2D()
+  goals = np.array([t["goal"] for t in env.sample_tasks(2000, np.random.default_rng(0))])
+  assert goals.min() >= -0.5 and goals.max() <= 0.5 and abs(goals.mean()) < 0.02
+  env.reset_task({"goal": [0.05, -0.15]})
+  obs, _ = env.reset(seed=0)
+  np.testing.assert_array_equal(obs, [0, 0])
+  obs, reward, done, _, _ = env.step(np.array([1.0, -0.05]))  # x clipped to 0.1
+  np.testing.assert_allclose(obs, [0.1, -0.05])
+  assert reward == pytest.approx(-((0.1 - 0.05) ** 2 + (-0.05 + 0.15) ** 2))
+  assert not done
+  _, reward, done, _, _ = env.step(np.array([-0.05, -0.095]))  # now 0.005 from the goal
+  assert done and reward == pytest.approx(-(0.0 ** 2 + 0.005 ** 2), abs=1e-12)
+
+
+def test_bandit_pays_bernoulli_rewards_of_the_task_means():
+  env = envs.BernoulliBandit(5)
+  env.reset_task({"means": [0.1, 0.9, 0.5, 0.0, 1.0]})
+  env.reset(seed=1)
+  pulls = {a: np.mean([env.step(a)[1] for _ in range(2000)]) for a in range(5)}
+  assert pulls[3] == 0.0 and pulls[4] == 1.0
+  assert abs(pulls[0] - 0.1) < 0.03 and abs(pulls[1] - 0.9) < 0.03
+
+
+def test_tabular_mdp_follows_its_tables():
+  env = envs.TabularMDP(4, 2)
+  task = env.sample_tasks(1, np.random.default_rng(0))[0]
+  np.testing.assert_allclose(np.asarray(task["transitions"]).sum(-1), 1.0)
+  env.reset_task(task)
+  obs, _ = env.reset(seed=0)
+  assert obs.tolist() == [1, 0, 0, 0]
+  _, reward, _, _, _ = env.step(1)
+  assert reward == task["rewards"][0][1]
+
+
+@pytest.mark.parametrize("name,task,expected", [
+    ("HalfCheetahVel-v5", {"velocity": 1.5},
+     lambda i, a: -abs(i["x_velocity"] - 1.5) - 0.05 * np.sum(a ** 2)),
+    ("HalfCheetahDir-v5", {"direction": -1.0},
+     lambda i, a: -i["x_velocity"] - 0.05 * np.sum(a ** 2)),
+    ("AntVel-v5", {"velocity": 2.0},
+     lambda i, a: -abs(i["x_velocity"] - 2.0) + i["reward_survive"] + i["reward_ctrl"] + i["reward_contact"]),
+    ("AntDir-v5", {"direction": 1.0},
+     lambda i, a: i["x_velocity"] + i["reward_survive"] + i["reward_ctrl"] + i["reward_contact"]),
+    ("AntGoal-v5", {"goal": [1.0, -2.0]},
+     lambda i, a: -(abs(i["torso_xy"][0] - 1.0) + abs(i["torso_xy"][1] + 2.0))
+     + i["reward_survive"] + i["reward_ctrl"] + i["reward_contact"]),
+])
+def test_mujoco_tasks_reset_step_and_pay_their_reward(name, task, expected):
+  env = envs.make(name)
+  env.reset_task(task)
+  env.reset(seed=0)
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    action = rng.uniform(-1, 1, env.action_space.shape)
+    obs, reward, terminated, truncated, info = env.step(action)
+    assert obs.shape == env.observation_space.shape and np.all(np.isfinite(obs))
+    info["torso_xy"] = env.data.body(1).xpos[:2]  # the torso's position, as rllab's get_body_com
+    assert reward == pytest.approx(expected(info, action), abs=1e-9)
+  if name.startswith("HalfCheetah"):
+    np.testing.assert_allclose(info["reward_ctrl"], -0.05 * np.sum(action ** 2))
+  env.close()
+
+
+def test_task_distributions_match_the_paper():
+  rng = np.random.default_rng(0)
+  vel = [t["velocity"] for t in envs.make("HalfCheetahVel-v5").sample_tasks(500, rng)]
+  assert 0 <= min(vel) and max(vel) <= 2 and abs(np.mean(vel) - 1) < 0.1
+  ant = [t["velocity"] for t in envs.make("AntVel-v5").sample_tasks(500, rng)]
+  assert 0 <= min(ant) and max(ant) <= 3
+  dirs = {t["direction"] for t in envs.make("HalfCheetahDir-v5").sample_tasks(50, rng)}
+  assert dirs == {-1.0, 1.0}
+  goals = np.array([t["goal"] for t in envs.make("AntGoal-v5").sample_tasks(500, rng)])
+  assert np.linalg.norm(goals, axis=1).max() <= 3.0
+
+
+def test_task_families_are_registered_with_gymnasium():
+  env = gym.make("maml/2DNavigation-v0")
+  assert env.spec.max_episode_steps == 100
+  assert gym.spec("maml/HalfCheetahDir-v5").max_episode_steps == 200
+
+
+# --- sampler and returns -------------------------------------------------------------------------
+
+
+def goal_seeking(obs, rng):
+  del rng
+  return np.clip(np.array([0.3, 0.3]) - obs, -0.1, 0.1)
+
+
+def test_sampler_masks_episodes_that_end_early():
+  sampler = VectorSampler("2DNavigation-v0", 3)
+  tasks = [{"goal": [0.3, 0.3]}, {"goal": [0.0, 0.05]}, {"goal": [-0.5, 0.5]}]
+  out = sampler.rollouts(tasks, goal_seeking, horizon=20, seed=0)
+  lengths = out.mask.sum(axis=1)
+  assert lengths[0] == 3  # three steps of 0.1 reach (0.3, 0.3)
+  assert np.all(out.mask[0, 3:] == 0) and np.all(out.rewards[0, 3:] == 0)
+  assert lengths[2] == 20
+
+
+@pytest.mark.parametrize("name", ["2DNavigation-v0", "HalfCheetahVel-v5"])
+def test_rollouts_do_not_depend_on_the_number_of_workers(name):
+  results = []
+  for workers in (0, 2):
+    sampler = VectorSampler(name, 6, workers)
+    tasks = sampler.sample_tasks(6, np.random.default_rng(1))
+    act = lambda obs, rng: rng.normal(0, 0.5, (obs.shape[0], sampler.action_dim))
+    results.append(sampler.rollouts(tasks, act, horizon=30, seed=7))
+    sampler.close()
+  for field in ("obs", "actions", "rewards", "mask"):
+    np.testing.assert_array_equal(getattr(results[0], field), getattr(results[1], field))
+
+
+def test_gae_matches_a_hand_computation():
+  rewards = np.array([[1.0, 2.0, 3.0, 0.0]])
+  values = np.array([[0.5, 1.0, 1.5, 0.0]])
+  mask = np.array([[1.0, 1.0, 1.0, 0.0]])  # the episode ended after step 3
+  gamma, lam = 0.9, 0.8
+  d2 = 3.0 - 1.5  # no value after the end
+  d1 = 2.0 + gamma * 1.5 - 1.0
+  d0 = 1.0 + gamma * 1.0 - 0.5
+  expected = [d0 + gamma * lam * (d1 + gamma * lam * d2), d1 + gamma * lam * d2, d2, 0.0]
+  np.testing.assert_allclose(returns.gae(rewards, values, mask, gamma, lam)[0], expected)
+  np.testing.assert_allclose(returns.discounted_returns(rewards, mask, 0.5)[0],
+                             [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3, 0])
+
+
+def test_linear_baseline_fits_live_steps_and_ignores_dead_ones():
+  rng = np.random.default_rng(0)
+  E, T = 6, 12
+  obs = rng.normal(size=(E, T, 2))
+  mask = np.ones((E, T))
+  mask[2, 4:] = 0.0  # early terminations, with garbage beyond them
+  mask[5, 1:] = 0.0
+  obs[mask == 0] = 1e30
+  feats = returns.baseline_features(obs, mask)
+  true_coef = rng.normal(size=feats.shape[-1])
+  target = (feats @ true_coef) * mask
+  values = returns.fit_linear_baseline(obs, target, mask, reg=1e-10)
+  assert np.all(np.isfinite(values))
+  np.testing.assert_allclose(values[mask > 0], target[mask > 0], atol=1e-4)
+  assert np.all(values[mask == 0] == 0)
+
+
+# --- conjugate gradient and TRPO ---------------------------------------------------------------
+
+
+def test_conjugate_gradient_solves_a_random_spd_system():
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(12, 12))
+  A = tf.constant(q @ q.T + 12 * np.eye(12))
+  b = {"x": tf.constant(rng.normal(size=(3, 4)))}
+  matvec = lambda v: {"x": tf.reshape(A @ tf.reshape(v["x"], [12, 1]), [3, 4])}
+  x = maml_rl.conjugate_gradient(matvec, b, iters=12, tol=1e-24)
+  np.testing.assert_allclose(np.linalg.solve(A.numpy(), b["x"].numpy().reshape(-1)),
+                             x["x"].numpy().reshape(-1), rtol=1e-8)
+
+
+def nav_batches(params, cfg, tasks, R=8, T=30, seed=0):
+  sampler = VectorSampler("2DNavigation-v0", len(tasks) * R)
+  env_tasks = [tasks[e // R] for e in range(len(tasks) * R)]
+  M = len(tasks)
+
+  def to_batch(fast, s):
+    act = lambda obs, rng: policies.sample_actions(cfg, fast, obs.reshape(M, R, -1), rng).reshape(M * R, -1)
+    out = sampler.rollouts(env_tasks, act, T, s)
+    adv = np.zeros_like(out.rewards)
+    for m in range(M):
+      rows = slice(m * R, (m + 1) * R)
+      rets = returns.discounted_returns(out.rewards[rows], out.mask[rows], 0.99)
+      vals = returns.fit_linear_baseline(out.obs[rows], rets, out.mask[rows])
+      adv[rows] = returns.gae(out.rewards[rows], vals, out.mask[rows], 0.99, 1.0)
+    shape = lambda x: x.reshape((M, R * T) + x.shape[2:])
+    return {"obs": tf.constant(shape(out.obs)), "actions": tf.constant(shape(out.actions)),
+            "advantages": tf.constant(shape(adv), tf.float32),
+            "mask": tf.constant(shape(out.mask))}
+
+  tiled = {k: np.broadcast_to(v[None], (M,) + v.shape) for k, v in params.items()}
+  pre = to_batch(tiled, seed)
+  fast = maml_rl.adapt(cfg, {k: tf.constant(v) for k, v in params.items()}, [pre], 0.1, True)
+  post = to_batch({k: v.numpy() for k, v in fast.items()}, seed + 1)
+  return pre, post
+
+
+def test_trpo_step_improves_the_surrogate_within_the_kl_bound():
+  cfg = policies.PolicyConfig("gaussian", 2, 2, (16, 16))
+  params = policies.init_params(cfg, 0)
+  tasks = envs.Navigation2D().sample_tasks(3, np.random.default_rng(0))
+  pre, post = nav_batches(params, cfg, tasks)
+  trpo = maml_rl.TRPOStep(cfg, maml_rl.TRPOConfig(max_kl=0.01), 0.1, first_order=False)
+  tf_params = {k: tf.constant(v) for k, v in params.items()}
+  new, info = trpo(tf_params, [pre], post)
+  assert info["accepted"] == 1.0
+  assert info["surrogate_after"] < info["surrogate_before"]
+  old_logp, old_dist = trpo.old_policy(tf_params, [pre], post)
+  _, kl = maml_rl.surrogate_and_kl(cfg, new, [pre], post, old_logp, old_dist, 0.1, False)
+  assert 0 < float(kl) <= 0.01
+  assert float(kl) == pytest.approx(info["kl"], rel=1e-5)
+  # Fisher-vector products are symmetric positive (semi)definite, as CG needs.
+  rng = np.random.default_rng(1)
+  u = {k: tf.constant(rng.normal(size=v.shape), tf.float32) for k, v in params.items()}
+  v = {k: tf.constant(rng.normal(size=v.shape), tf.float32) for k, v in params.items()}
+  fu = trpo.fisher_vector(tf_params, [pre], post, old_logp, old_dist, u)
+  fv = trpo.fisher_vector(tf_params, [pre], post, old_logp, old_dist, v)
+  assert float(maml_rl.dot(fu, v)) == pytest.approx(float(maml_rl.dot(fv, u)), rel=1e-3)
+  assert float(maml_rl.dot(fu, u)) > 0
+
+
+def test_categorical_policy_log_probs_and_kl():
+  cfg = policies.PolicyConfig("categorical", 1, 3, (4,))
+  params = {k: tf.constant(v[None]) for k, v in policies.init_params(cfg, 0).items()}
+  obs = tf.zeros([1, 2, 1])
+  logits = policies.distribution(cfg, params, obs)["logits"]
+  logp = policies.log_prob(cfg, params, obs, tf.constant([[0, 2]]))
+  log_softmax = tf.nn.log_softmax(logits).numpy()[0]
+  np.testing.assert_allclose(logp.numpy()[0], [log_softmax[0, 0], log_softmax[1, 2]], rtol=1e-6)
+  dist = policies.distribution(cfg, params, obs)
+  np.testing.assert_allclose(policies.kl(cfg, dist, dist), 0.0, atol=1e-7)
+
+
+# --- through the trainer -----------------------------------------------------------------------
+
+NAV = ["--dataset=rl", "--env=2DNavigation-v0", "--meta_batch_size=10", "--rollouts_per_task=10",
+       "--hidden_sizes=32,32", "--inner_lr=0.1", "--eval_inner_steps=2", "--eval_every=0",
+       "--val_episodes=10", "--eval_episodes=20", "--log_every=1", "--steps_per_loop=1",
+       "--horizon=50"]
+
+
+def trainer(*args):
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=900)
+
+
+def test_short_navigation_meta_training_makes_adaptation_pay(tmp_path):
+  result = trainer(*NAV, "--num_iterations=15", "--checkpoint_every=5",
+                   f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+  assert report["metric"] == "return" and list(report["by_inner_steps"]) == ["0", "1", "2"]
+  pre, post = report["by_inner_steps"]["0"], report["by_inner_steps"]["2"]
+  assert post["mean"] - post["ci95"] > pre["mean"] + pre["ci95"], report
+
+
+def test_rl_runs_resume_from_checkpoints_like_supervised_ones(tmp_path):
+  common = [*NAV, "--checkpoint_every=2", "--mode=train", "--deterministic"]
+  straight = trainer(*common, "--num_iterations=4", f"--model_dir={tmp_path / 'a'}")
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  first = trainer(*common, "--num_iterations=2", f"--model_dir={tmp_path / 'b'}")
+  second = trainer(*common, "--num_iterations=4", f"--model_dir={tmp_path / 'b'}")
+  assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stderr
+  ra = tf.train.load_checkpoint(str(tmp_path / "a" / "ckpt"))
+  rb = tf.train.load_checkpoint(str(tmp_path / "b" / "ckpt"))
+  names = [n for n in ra.get_variable_to_shape_map() if n.startswith("params/")]
+  assert names
+  for n in names:
+    np.testing.assert_allclose(ra.get_tensor(n), rb.get_tensor(n), rtol=1e-6, atol=1e-7,
+                               err_msg=n)

@@ -15,7 +15,7 @@ import io
 import random
 import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from pipeline.errors import DataError
 
@@ -305,8 +305,3 @@ def assign_shards(units: Sequence[WorkUnit], images_per_shard: int) -> list[Work
       dataclasses.replace(o, shard=shard_of[(o.split, o.label)]) for o in unit.outputs))
           for unit in units]
 
-
-def iter_output_classes(units: Iterable[WorkUnit]) -> Iterable[tuple[OutputClass, WorkUnit]]:
-  for unit in units:
-    for out in unit.outputs:
-      yield out, unit

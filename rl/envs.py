@@ -133,161 +133,81 @@ class TabularMDP(TaskEnv, gym.Env):
 # --- MuJoCo locomotion ---------------------------------------------------------------------------
 
 
-def _mujoco():
-  from gymnasium.envs.mujoco.ant_v5 import AntEnv
-  from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
-  return AntEnv, HalfCheetahEnv
-
-
-def _half_cheetah_base():
-  return _mujoco()[1]
-
-
-def _ant_base():
-  return _mujoco()[0]
-
-
-class _CheetahTask(TaskEnv):
-  """Shared by the HalfCheetah tasks: control cost 0.05 * |a|^2, as in the MAML code."""
-
-  CTRL = 0.05
-
-
-def make_half_cheetah_vel(**kwargs):
-  base = _half_cheetah_base()
-
-  class HalfCheetahVel(_CheetahTask, base):
-    """Reward -|v - v_goal| - 0.05 |a|^2, v_goal ~ U[0, 2]."""
-
-    def __init__(self, task=None, **kw):
-      base.__init__(self, ctrl_cost_weight=self.CTRL, **kw)
-      self._goal_vel = 1.0
-      if task:
-        self.reset_task(task)
-
-    def sample_tasks(self, n, rng):
-      return [{"velocity": v} for v in rng.uniform(0.0, 2.0, n).tolist()]
-
-    def reset_task(self, task):
-      self._goal_vel = float(task["velocity"])
-
-    def _get_rew(self, x_velocity, action):
-      forward = -abs(x_velocity - self._goal_vel)
-      ctrl = self.control_cost(action)
-      return forward - ctrl, {"reward_forward": forward, "reward_ctrl": -ctrl}
-
-  return HalfCheetahVel(**kwargs)
-
-
-def make_half_cheetah_dir(**kwargs):
-  base = _half_cheetah_base()
-
-  class HalfCheetahDir(_CheetahTask, base):
-    """Reward d * v - 0.05 |a|^2 with direction d = +1 (forward) or -1 (backward)."""
-
-    def __init__(self, task=None, **kw):
-      base.__init__(self, ctrl_cost_weight=self.CTRL, **kw)
-      self._direction = 1.0
-      if task:
-        self.reset_task(task)
-
-    def sample_tasks(self, n, rng):
-      return [{"direction": d} for d in rng.choice([-1.0, 1.0], n).tolist()]
-
-    def reset_task(self, task):
-      self._direction = float(task["direction"])
-
-    def _get_rew(self, x_velocity, action):
-      forward = self._direction * x_velocity
-      ctrl = self.control_cost(action)
-      return forward - ctrl, {"reward_forward": forward, "reward_ctrl": -ctrl}
-
-  return HalfCheetahDir(**kwargs)
+def _cheetah_reward(env, progress, action):
+  """HalfCheetah tasks: progress minus 0.05 * |a|^2, the MAML code's control cost."""
+  ctrl = env.control_cost(action)
+  return progress - ctrl, {"reward_forward": progress, "reward_ctrl": -ctrl}
 
 
 def _ant_reward(env, progress, action):
+  """Ant tasks: progress plus survival, minus control and contact costs (gymnasium's weights)."""
   ctrl, contact = env.control_cost(action), env.contact_cost
   reward = progress + env.healthy_reward - ctrl - contact
   return reward, {"reward_forward": progress, "reward_ctrl": -ctrl, "reward_contact": -contact,
                   "reward_survive": env.healthy_reward}
 
 
-def make_ant_vel(**kwargs):
-  base = _ant_base()
+def _locomotion(base_name: str, key: str, sample, progress, reward, **base_kwargs):
+  """A factory for a MuJoCo v5 environment whose reward depends on a per-task value ``key``.
 
-  class AntVel(TaskEnv, base):
-    """Reward -|v - v_goal| + survive - control - contact, v_goal ~ U[0, 3]."""
+  ``sample(n, rng)`` draws the task values, ``progress(env, x_velocity, value)`` scores the
+  motion; ``reward`` adds the robot's costs. Classes are built lazily so that importing this
+  module does not need MuJoCo.
+  """
 
-    def __init__(self, task=None, **kw):
-      base.__init__(self, **kw)
-      self._goal_vel = 1.0
-      if task:
-        self.reset_task(task)
+  def make_env(task=None, **kwargs):
+    from gymnasium.envs.mujoco import ant_v5, half_cheetah_v5
+    base = {"ant": ant_v5.AntEnv, "half_cheetah": half_cheetah_v5.HalfCheetahEnv}[base_name]
 
-    def sample_tasks(self, n, rng):
-      return [{"velocity": v} for v in rng.uniform(0.0, 3.0, n).tolist()]
+    class LocomotionTask(TaskEnv, base):
+      def __init__(self, task=None, **kw):
+        base.__init__(self, **dict(base_kwargs, **kw))
+        self._value = None
+        if task:
+          self.reset_task(task)
 
-    def reset_task(self, task):
-      self._goal_vel = float(task["velocity"])
+      def sample_tasks(self, n, rng):
+        return [{key: v} for v in sample(n, rng)]
 
-    def _get_rew(self, x_velocity, action):
-      return _ant_reward(self, -abs(x_velocity - self._goal_vel), action)
+      def reset_task(self, task):
+        self._value = np.asarray(task[key], np.float64)
 
-  return AntVel(**kwargs)
+      def _get_rew(self, x_velocity, action):
+        return reward(self, progress(self, x_velocity, self._value), action)
 
+    return LocomotionTask(task, **kwargs)
 
-def make_ant_dir(**kwargs):
-  base = _ant_base()
-
-  class AntDir(TaskEnv, base):
-    """Reward d * v + survive - control - contact, d = +1 or -1."""
-
-    def __init__(self, task=None, **kw):
-      base.__init__(self, **kw)
-      self._direction = 1.0
-      if task:
-        self.reset_task(task)
-
-    def sample_tasks(self, n, rng):
-      return [{"direction": d} for d in rng.choice([-1.0, 1.0], n).tolist()]
-
-    def reset_task(self, task):
-      self._direction = float(task["direction"])
-
-    def _get_rew(self, x_velocity, action):
-      return _ant_reward(self, self._direction * x_velocity, action)
-
-  return AntDir(**kwargs)
+  return make_env
 
 
-def make_ant_goal(**kwargs):
-  base = _ant_base()
-
-  class AntGoal(TaskEnv, base):
-    """Reward -|xy - goal|_1 + survive - control - contact; goal uniform in a disc of radius 3."""
-
-    def __init__(self, task=None, **kw):
-      base.__init__(self, **kw)
-      self._goal = np.zeros(2)
-      if task:
-        self.reset_task(task)
-
-    def sample_tasks(self, n, rng):
-      angle = rng.uniform(0, 2 * np.pi, n)
-      radius = 3.0 * np.sqrt(rng.uniform(0, 1, n))
-      return [{"goal": [r * np.cos(a), r * np.sin(a)]} for a, r in zip(angle, radius)]
-
-    def reset_task(self, task):
-      self._goal = np.asarray(task["goal"], np.float64)
-
-    def _get_rew(self, x_velocity, action):
-      xy = self.data.body(self._main_body).xpos[:2]
-      return _ant_reward(self, -float(np.sum(np.abs(xy - self._goal))), action)
-
-  return AntGoal(**kwargs)
+def _disc(n, rng, radius=3.0):
+  angle = rng.uniform(0, 2 * np.pi, n)
+  r = radius * np.sqrt(rng.uniform(0, 1, n))
+  return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=1).tolist()
 
 
-# name -> (factory, horizon, discrete actions?)
+def _torso_xy(env):
+  return env.data.body(env._main_body).xpos[:2]  # rllab's get_body_com("torso")
+
+
+make_half_cheetah_vel = _locomotion(  # -|v - v_goal|, v_goal ~ U[0, 2]
+    "half_cheetah", "velocity", lambda n, rng: rng.uniform(0.0, 2.0, n).tolist(),
+    lambda env, v, goal: -abs(v - float(goal)), _cheetah_reward, ctrl_cost_weight=0.05)
+make_half_cheetah_dir = _locomotion(  # d * v, d = +1 forward or -1 backward
+    "half_cheetah", "direction", lambda n, rng: rng.choice([-1.0, 1.0], n).tolist(),
+    lambda env, v, d: float(d) * v, _cheetah_reward, ctrl_cost_weight=0.05)
+make_ant_vel = _locomotion(  # -|v - v_goal|, v_goal ~ U[0, 3]
+    "ant", "velocity", lambda n, rng: rng.uniform(0.0, 3.0, n).tolist(),
+    lambda env, v, goal: -abs(v - float(goal)), _ant_reward)
+make_ant_dir = _locomotion(
+    "ant", "direction", lambda n, rng: rng.choice([-1.0, 1.0], n).tolist(),
+    lambda env, v, d: float(d) * v, _ant_reward)
+make_ant_goal = _locomotion(  # -|xy - goal|_1, goal uniform in a disc of radius 3
+    "ant", "goal", _disc, lambda env, v, goal: -float(np.sum(np.abs(_torso_xy(env) - goal))),
+    _ant_reward)
+
+
+# name -> (factory, horizon)
 ENVS = {
     "2DNavigation-v0": (Navigation2D, 100),
     "Bandit-K5-v0": (lambda **kw: BernoulliBandit(5, **kw), 10),

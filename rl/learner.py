@@ -137,8 +137,8 @@ class RLMetaLearner:
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Average return per task after 0..eval_inner_steps steps ``[steps+1, tasks]``."""
     per_round = []
-    for tasks, seed in dataset:
+    for tasks, seed, keep in dataset:
       _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps)
-      per_round.append(np.stack(rets))
+      per_round.append(np.stack(rets)[:, :keep])
     metrics = np.concatenate(per_round, axis=1)
     return -metrics, metrics

@@ -34,7 +34,12 @@ class MetaRLTask:
       step += 1
 
   def eval_dataset(self, split: str, num_tasks: int, sharding) -> list:
+    """Fixed batches of held-out tasks; the learner keeps the first ``num_tasks`` results."""
     del sharding
     code = zlib.crc32(split.encode())
     batches = -(-num_tasks // self.meta_batch_size)
-    return [self._tasks(1, code, b) for b in range(batches)]
+    out = []
+    for b in range(batches):
+      tasks, seed = self._tasks(1, code, b)
+      out.append((tasks, seed, min(self.meta_batch_size, num_tasks - b * self.meta_batch_size)))
+    return out

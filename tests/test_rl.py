@@ -245,7 +245,7 @@ def test_categorical_policy_log_probs_and_kl():
 
 NAV = ["--dataset=rl", "--env=2DNavigation-v0", "--meta_batch_size=10", "--rollouts_per_task=10",
        "--hidden_sizes=32,32", "--inner_lr=0.1", "--eval_inner_steps=2", "--eval_every=0",
-       "--val_episodes=10", "--eval_episodes=20", "--log_every=1", "--steps_per_loop=1",
+       "--val_episodes=10", "--eval_episodes=25", "--log_every=1", "--steps_per_loop=1",
        "--horizon=50"]
 
 
@@ -260,6 +260,7 @@ def test_short_navigation_meta_training_makes_adaptation_pay(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "run" / "eval_test.json").read_text())
   assert report["metric"] == "return" and list(report["by_inner_steps"]) == ["0", "1", "2"]
+  assert report["episodes"] == 25  # tasks; the last batch of 10 is cut to 5
   pre, post = report["by_inner_steps"]["0"], report["by_inner_steps"]["2"]
   assert post["mean"] - post["ci95"] > pre["mean"] + pre["ci95"], report
 

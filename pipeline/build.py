@@ -125,7 +125,7 @@ def default_pipeline_options(extra_args: Sequence[str] = ()) -> PipelineOptions:
     if not any(a.startswith("--direct_running_mode") for a in args):
       args.append("--direct_running_mode=multi_processing")
   if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-    args.append("--default_sdk_harness_log_level=WARNING")
+    args.append("--default_sdk_harness_log_level=ERROR")
   return PipelineOptions(args)
 
 

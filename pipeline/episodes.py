@@ -53,10 +53,6 @@ class ClassIndexedImages:
   def num_classes(self) -> int:
     return len(self.class_names)
 
-  @property
-  def min_count(self) -> int:
-    return int(tf.reduce_min(self.counts))
-
 
 def read_manifest(records_dir: str | os.PathLike) -> dict:
   path = Path(records_dir) / records.MANIFEST_NAME

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import episodes, records, streams
+from pipeline import episodes, streams
 from pipeline.episodes import ClassIndexedImages, EpisodeSpec
 from pipeline.errors import DataError
 

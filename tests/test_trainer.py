@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]

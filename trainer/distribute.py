@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import tensorflow as tf
@@ -47,7 +46,8 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """The worker that writes checkpoints, summaries and reports (always true outside MWMS)."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return True
-  task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-  return task.get("type") in (None, "chief") or (
-      task.get("type") == "worker" and task.get("index", 0) == 0
-      and "chief" not in json.loads(os.environ["TF_CONFIG"]).get("cluster", {}))
+  resolver = strategy.cluster_resolver
+  if resolver.task_type in (None, "chief"):
+    return True
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief

@@ -90,15 +90,20 @@ class RLMetaLearner:
   def _numpy_tiled(self, M: int) -> dict[str, np.ndarray]:
     return {k: np.broadcast_to(v.numpy()[None], (M,) + tuple(v.shape)) for k, v in self.params.items()}
 
-  def _adapt_and_roll(self, tasks, seed, steps):
-    """Alternates sampling and inner steps; returns batches and mean return per round."""
+  def _adapt_and_roll(self, tasks, seed, steps, last_batch=True):
+    """Alternates sampling and inner steps; returns batches and mean return per round.
+
+    ``last_batch=False`` (evaluation) skips the baseline fit and tensors of the final round,
+    whose returns are all that is needed.
+    """
     fast = self._numpy_tiled(len(tasks))
     batches, per_task_returns = [], []
     for round_ in range(steps + 1):
       rollouts = self._rollouts(tasks, fast, seed * 1000 + round_)
       R = self.cfg.rollouts_per_task
       per_task_returns.append(rollouts.returns.reshape(len(tasks), R).mean(axis=1))
-      batches.append(self._batch(tasks, rollouts))
+      if round_ < steps or last_batch:
+        batches.append(self._batch(tasks, rollouts))
       if round_ < steps:
         adapted = self._adapt({k: tf.identity(v) for k, v in self.params.items()}, batches)
         fast = {k: v.numpy() for k, v in adapted.items()}
@@ -138,7 +143,7 @@ class RLMetaLearner:
     """Average return per task after 0..eval_inner_steps steps ``[steps+1, tasks]``."""
     per_round = []
     for tasks, seed, keep in dataset:
-      _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps)
+      _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps, last_batch=False)
       per_round.append(np.stack(rets)[:, :keep])
     metrics = np.concatenate(per_round, axis=1)
     return -metrics, metrics

@@ -46,6 +46,17 @@ flags.DEFINE_list("hidden_sizes", ["40", "40"], "mlp hidden layer widths.")
 flags.DEFINE_enum("norm", "batch_norm", list(models.NORMS),
                   "batch_norm: current-batch statistics at train and test time (the paper's "
                   "transductive setting); layer_norm: per-example, not transductive; none.")
+flags.DEFINE_boolean("norm_scale", True, "Give the norm a learned scale. The original MAML "
+                     "code's batch norm has an offset only (--nonorm_scale).")
+flags.DEFINE_enum("head_init", "glorot", ["glorot", "normal"], "Output layer initialisation; "
+                  "normal = N(0, 1), the original code's Omniglot head.")
+flags.DEFINE_boolean("per_step_bn_params", False, "MAML++ BNWB: a separate norm scale/offset "
+                     "for each inner step (forward passes after s updates use set s).")
+flags.DEFINE_enum("bn_running_stats", "none", ["none", "shared", "per_step"],
+                  "Track running batch-norm statistics in training and normalise with them in "
+                  "evaluation, so predictions do not depend on the query batch. per_step is "
+                  "MAML++ BNRS (one set per inner step); none keeps the paper's batch "
+                  "statistics at test time.")
 
 # --- meta-learning ---
 flags.DEFINE_integer("inner_steps", 1, "Adaptation steps in meta-training.", lower_bound=1)
@@ -56,7 +67,27 @@ flags.DEFINE_float("inner_lr", 0.4, "Inner-loop learning rate (initial value wit
 flags.DEFINE_boolean("first_order", False, "First-order MAML (no second derivatives).")
 flags.DEFINE_boolean("learn_inner_lr", False, "Meta-SGD: meta-learn one inner rate per "
                      "parameter entry.")
+flags.DEFINE_boolean("per_step_inner_lr", False, "MAML++ LSLR: meta-learn one inner rate per "
+                     "parameter tensor and inner step (initial value --inner_lr).")
+flags.DEFINE_enum("loss_reduction", "mean", list(maml.REDUCTIONS),
+                  "mean: losses are per-task means. original: cbfinn/maml's classification "
+                  "loss, per-example cross-entropy / K summed over examples, so the inner step "
+                  "is N x --inner_lr on the mean (also scales the meta-loss, which matters for "
+                  "--clip_value).")
+flags.DEFINE_enum("inner_adapt", "all", list(maml.ADAPT),
+                  "Parameters the inner loop adapts: all; no_norm (norm scale/offset only "
+                  "meta-learned, as in the original code); head (ANIL).")
+flags.DEFINE_integer("msl_iterations", 0, "MAML++ multi-step loss: weight the query loss "
+                     "after every inner step, annealing towards the last step over this many "
+                     "iterations (0: off).", lower_bound=0)
+flags.DEFINE_integer("first_order_iterations", 0, "MAML++ derivative-order annealing: first "
+                     "order for this many iterations, then second order.", lower_bound=0)
 flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate of the meta-update.", lower_bound=0.0)
+flags.DEFINE_enum("meta_lr_schedule", "constant", ["constant", "cosine"],
+                  "cosine: MAML++'s annealing from --meta_lr to --min_meta_lr over "
+                  "--num_iterations.")
+flags.DEFINE_float("min_meta_lr", 1e-5, "Final meta learning rate of the cosine schedule.",
+                   lower_bound=0.0)
 flags.DEFINE_float("clip_value", 0.0, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
                    "MiniImagenet); 0 disables.", lower_bound=0.0)
 
@@ -92,6 +123,8 @@ flags.DEFINE_integer("eval_every", 1000, "Validate every this many steps (0: onl
 flags.DEFINE_integer("val_episodes", 300, "Validation episodes each time.", lower_bound=1)
 flags.DEFINE_integer("eval_episodes", 600, "Meta-test episodes.", lower_bound=1)
 flags.DEFINE_string("eval_split", "test", "Split to meta-test on.")
+flags.DEFINE_enum("eval_checkpoint", "best", ["best", "latest"], "Checkpoint to meta-test: "
+                  "best by validation, or the latest (the original code's choice).")
 flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every this many steps.", lower_bound=1)
 flags.DEFINE_integer("log_every", 100, "Write training metrics every this many steps.",
                      lower_bound=1)
@@ -119,6 +152,7 @@ class RunConfig:
   val_episodes: int = 300
   eval_episodes: int = 600
   eval_split: str = "test"
+  eval_checkpoint: str = "best"
   checkpoint_every: int = 1000
   log_every: int = 100
   steps_per_loop: int = 10
@@ -131,23 +165,31 @@ def default_model_dir(flagfile: str | None) -> Path:
 
 
 def model_config(image_shape: tuple, n_way: int) -> models.ModelConfig:
+  slots = FLAGS.inner_steps + 1  # forward passes after 0..S inner updates
+  common = dict(hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes), norm=FLAGS.norm,
+                norm_scale=FLAGS.norm_scale, head_init=FLAGS.head_init,
+                param_slots=slots if FLAGS.per_step_bn_params else 0,
+                stat_slots={"none": 0, "shared": 1, "per_step": slots}[FLAGS.bn_running_stats])
   if FLAGS.dataset == "sinusoid":
-    return models.ModelConfig("mlp", (1,), 1, hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes),
-                              norm=FLAGS.norm)
+    return models.ModelConfig("mlp", (1,), 1, **common)
   return models.ModelConfig(FLAGS.model, tuple(image_shape), n_way, num_filters=FLAGS.num_filters,
-                            downsample=FLAGS.downsample, features=FLAGS.features,
-                            hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes),
-                            norm=FLAGS.norm)
+                            downsample=FLAGS.downsample, features=FLAGS.features, **common)
 
 
 def meta_config() -> maml.MetaConfig:
   return maml.MetaConfig(inner_steps=FLAGS.inner_steps, inner_lr=FLAGS.inner_lr,
                          first_order=FLAGS.first_order, learn_inner_lr=FLAGS.learn_inner_lr,
-                         loss="mse" if FLAGS.dataset == "sinusoid" else "softmax")
+                         per_step_inner_lr=FLAGS.per_step_inner_lr,
+                         loss="mse" if FLAGS.dataset == "sinusoid" else "softmax",
+                         loss_reduction=FLAGS.loss_reduction, inner_adapt=FLAGS.inner_adapt,
+                         msl_iterations=FLAGS.msl_iterations,
+                         first_order_iterations=FLAGS.first_order_iterations)
 
 
 def adam_config() -> optim.AdamConfig:
-  return optim.AdamConfig(learning_rate=FLAGS.meta_lr, clip_value=FLAGS.clip_value)
+  return optim.AdamConfig(learning_rate=FLAGS.meta_lr, clip_value=FLAGS.clip_value,
+                          schedule=FLAGS.meta_lr_schedule, min_learning_rate=FLAGS.min_meta_lr,
+                          decay_steps=FLAGS.num_iterations)
 
 
 def run_config() -> RunConfig:
@@ -155,5 +197,6 @@ def run_config() -> RunConfig:
       model_dir=Path(FLAGS.model_dir) if FLAGS.model_dir else default_model_dir(FLAGS.flagfile),
       mode=FLAGS.mode, num_iterations=FLAGS.num_iterations, eval_every=FLAGS.eval_every,
       val_episodes=FLAGS.val_episodes, eval_episodes=FLAGS.eval_episodes,
-      eval_split=FLAGS.eval_split, checkpoint_every=FLAGS.checkpoint_every,
+      eval_split=FLAGS.eval_split, eval_checkpoint=FLAGS.eval_checkpoint,
+      checkpoint_every=FLAGS.checkpoint_every,
       log_every=FLAGS.log_every, steps_per_loop=FLAGS.steps_per_loop, seed=FLAGS.seed)

@@ -18,6 +18,7 @@ import tensorflow as tf
 from trainer import maml, models, optim
 
 SUM = tf.distribute.ReduceOp.SUM
+STATS_DECAY = 0.9  # running statistics' decay per meta-step (PyTorch's momentum 0.1, as MAML++)
 METRIC_KEYS = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
 
 
@@ -36,14 +37,22 @@ class MetaLearner:
       init = models.init_params(model, seed)
       self.params = {k: tf.Variable(v, name=k, aggregation=optim.ONLY_FIRST)
                      for k, v in init.items()}
-      self.inner_lrs = ({k: tf.Variable(np.full(v.shape, meta.inner_lr, np.float32),
-                                        name=f"lr/{k}", aggregation=optim.ONLY_FIRST)
-                         for k, v in init.items()} if meta.learn_inner_lr else {})
+      self.inner_lrs = {k: tf.Variable(np.full(shape, meta.inner_lr, np.float32),
+                                       name=f"lr/{k}", aggregation=optim.ONLY_FIRST)
+                        for k, shape in maml.learned_rate_shapes(meta, init).items()}
       self.trainables = dict(self.params, **{f"lr/{k}": v for k, v in self.inner_lrs.items()})
       self.optimizer = optim.Adam(adam, self.trainables)
-    self._grads = tf.function(
-        functools.partial(maml.meta_gradients, model, meta, global_batch=meta_batch_size),
-        jit_compile=jit_compile)
+      # Running statistics (MAML++'s BNRS): tracked from training batches, used in evaluation.
+      self.stats = {k: tf.Variable(v, name=f"stats/{k}", trainable=False,
+                                   aggregation=optim.ONLY_FIRST)
+                    for k, v in models.init_stats(model).items()}
+    # Derivative-order annealing needs both orders; each is compiled once, when first used.
+    orders = {meta.first_order}
+    if meta.first_order_iterations and not meta.first_order:
+      orders.add(True)
+    self._grads = {order: tf.function(
+        functools.partial(maml.meta_gradients, model, meta, global_batch=meta_batch_size,
+                          first_order=order), jit_compile=jit_compile) for order in orders}
     self._evaluate = tf.function(
         functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps),
         jit_compile=jit_compile)
@@ -54,12 +63,22 @@ class MetaLearner:
 
   def checkpoint_items(self) -> dict:
     return {"params": self.params, "inner_lrs": self.inner_lrs,
-            "optimizer": self.optimizer.state()}
+            "optimizer": self.optimizer.state(), "stats": self.stats}
 
   def _values(self):
     params = {k: tf.identity(v) for k, v in self.params.items()}
     lrs = {k: tf.identity(v) for k, v in self.inner_lrs.items()} if self.inner_lrs else None
     return params, lrs
+
+  def _meta_gradients(self, params, lrs, inputs):
+    """The meta-gradient of this iteration, of the order derivative-order annealing asks for."""
+    iteration = tf.identity(self.step)
+    if len(self._grads) == 1:
+      (grads,) = self._grads.values()
+      return grads(params, lrs, inputs, iteration=iteration)
+    return tf.cond(iteration < self.meta.first_order_iterations,
+                   lambda: self._grads[True](params, lrs, inputs, iteration=iteration),
+                   lambda: self._grads[False](params, lrs, inputs, iteration=iteration))
 
   @staticmethod
   def _inputs(batch, per_replica: int) -> dict:
@@ -70,9 +89,13 @@ class MetaLearner:
   def _replica_train_step(self, batch):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._train_per_replica)
-    grads, sums = self._grads(params, lrs, inputs)
+    grads, sums = self._meta_gradients(params, lrs, inputs)
     ctx = tf.distribute.get_replica_context()
     grads, sums = ctx.all_reduce(SUM, (grads, sums))
+    for k, var in self.stats.items():
+      # Replicas' task-averaged moments, averaged; then an exponential moving average.
+      batch = sums.pop(f"moments/{k}") / ctx.num_replicas_in_sync
+      var.assign(STATS_DECAY * var + (1.0 - STATS_DECAY) * batch)
     self.optimizer.apply(self.trainables, grads)
     return sums
 
@@ -90,7 +113,8 @@ class MetaLearner:
   def _replica_eval_step(self, batch):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._eval_per_replica)
-    losses, metrics = self._evaluate(params, lrs, inputs)
+    stats = {k: tf.identity(v) for k, v in self.stats.items()} or None
+    losses, metrics = self._evaluate(params, lrs, inputs, stats=stats)
     # int32: collectives cannot gather booleans.
     return losses, metrics, tf.cast(batch["valid"], tf.int32), batch["episode_id"]
 

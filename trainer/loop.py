@@ -179,10 +179,12 @@ def _next_multiple(step: int, every: int) -> int:
 
 
 def evaluate(learner, task, cfg: RunConfig) -> dict:
-  """Meta-tests the best-by-val checkpoint (else the latest); writes eval_<split>.json."""
+  """Meta-tests the best-by-val checkpoint (else, or if asked, the latest); writes
+  eval_<split>.json."""
   checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
-  chosen = (tf.train.latest_checkpoint(str(cfg.model_dir / "best"))
-            or tf.train.latest_checkpoint(str(cfg.model_dir / "ckpt")))
+  latest = tf.train.latest_checkpoint(str(cfg.model_dir / "ckpt"))
+  chosen = latest if cfg.eval_checkpoint == "latest" else (
+      tf.train.latest_checkpoint(str(cfg.model_dir / "best")) or latest)
   if chosen is None:
     raise FileNotFoundError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
                             f"first (--mode=train or train_eval)")

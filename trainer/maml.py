@@ -7,6 +7,12 @@ The inner loop adapts all tasks at once: parameters are tiled to ``[B, ...]`` an
 tasks' support losses is differentiated, which yields each task's own gradient because task
 ``b``'s loss depends only on copy ``b``. Second order comes from recording that gradient
 computation on the outer tape; ``first_order`` stops it.
+
+Options beyond the paper, each off by default and each reducing to plain MAML when neutral:
+Meta-SGD (per-entry learned rates), and MAML++ (Antoniou et al., ICLR 2019): per-layer
+per-step learned rates (LSLR), the multi-step loss (MSL), derivative-order annealing (the
+learner switches ``first_order`` by iteration); per-step norm parameters and statistics live in
+:mod:`trainer.models`. ANIL (Raghu et al., ICLR 2020) is ``inner_adapt="head"``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import tensorflow as tf
 
 from trainer import models
 
+ADAPT = ("all", "no_norm", "head")
+REDUCTIONS = ("mean", "original")
+MSL_MIN_WEIGHT = 0.03  # MAML++'s floor for the non-final steps' weights, times 1 / steps
+
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
@@ -24,18 +34,68 @@ class MetaConfig:
   inner_lr: float = 0.4
   first_order: bool = False
   learn_inner_lr: bool = False  # Meta-SGD: one meta-learned rate per parameter entry
+  per_step_inner_lr: bool = False  # MAML++ LSLR: one learned rate per parameter tensor and step
   loss: str = "softmax"  # "softmax" (classification) or "mse" (regression)
+  # "mean": every loss is the mean over a task's examples. "original": cbfinn/maml's
+  # classification loss, each example's cross-entropy / K summed over the examples, so the
+  # inner step is N x inner_lr on the mean loss (regression is a mean there too).
+  loss_reduction: str = "mean"
+  # Which parameters the inner loop adapts: "all"; "no_norm" (norm scale/offset are only
+  # meta-learned, as in the original code); "head" (ANIL).
+  inner_adapt: str = "all"
+  # MAML++ MSL: the query loss after every inner step, weighted; weights anneal linearly from
+  # uniform to the last step alone over this many iterations (0: last step only throughout).
+  msl_iterations: int = 0
+  # MAML++ derivative-order annealing: first order for this many iterations, then second.
+  first_order_iterations: int = 0
+
+  def __post_init__(self):
+    if self.inner_adapt not in ADAPT:
+      raise ValueError(f"inner_adapt={self.inner_adapt!r}: must be one of {ADAPT}")
+    if self.loss_reduction not in REDUCTIONS:
+      raise ValueError(f"loss_reduction={self.loss_reduction!r}: must be one of {REDUCTIONS}")
+    if self.learn_inner_lr and self.per_step_inner_lr:
+      raise ValueError("learn_inner_lr (Meta-SGD) and per_step_inner_lr (LSLR) exclude each "
+                       "other")
+
+
+def adapted_keys(meta: MetaConfig, params: dict) -> list[str]:
+  """Names of the parameters the inner loop changes, in a fixed order."""
+  if meta.inner_adapt == "head":
+    return [k for k in params if k.startswith("out/")]
+  if meta.inner_adapt == "no_norm":
+    return [k for k in params if not models.is_norm_param(k)]
+  return list(params)
+
+
+def learned_rate_shapes(meta: MetaConfig, params: dict) -> dict[str, tuple]:
+  """Shapes of the meta-learned inner rates, per adapted parameter (empty when rates are fixed)."""
+  if meta.learn_inner_lr:
+    return {k: tuple(params[k].shape) for k in adapted_keys(meta, params)}
+  if meta.per_step_inner_lr:
+    return {k: (meta.inner_steps,) for k in adapted_keys(meta, params)}
+  return {}
+
+
+def loss_scale(cfg: models.ModelConfig, meta: MetaConfig, n_examples: int,
+               n_support: int) -> float:
+  """Factor from a task's mean loss to the loss differentiated (see ``loss_reduction``)."""
+  if meta.loss_reduction == "mean" or meta.loss != "softmax":
+    return 1.0
+  shots = n_support / cfg.num_outputs
+  return n_examples / shots
 
 
 def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.Tensor,
-                y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                y: tf.Tensor, ctx: models.ForwardContext | None = None
+                ) -> tuple[tf.Tensor, tf.Tensor]:
   """Per-task mean loss ``[B]`` and per-task metric ``[B]`` (accuracy, or MSE for regression)."""
-  out = models.apply(cfg, params, x)
+  out = models.apply(cfg, params, x, ctx)
   if meta.loss == "mse":
     mse = tf.reduce_mean(tf.square(out - y), axis=[1, 2])
     return mse, mse
   losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
-  correct = tf.cast(tf.equal(tf.argmax(out, axis=-1, output_type=y.dtype), y), tf.float32)
+  correct = tf.cast(tf.equal(tf.argmax(out, axis=-1, output_type=y.dtype), y), out.dtype)
   return tf.reduce_mean(losses, axis=1), tf.reduce_mean(correct, axis=1)
 
 
@@ -43,42 +103,91 @@ def tile(params: dict, tasks: int) -> dict:
   return {k: tf.tile(v[None], [tasks] + [1] * v.shape.rank) for k, v in params.items()}
 
 
-def inner_update(cfg, meta, fast: dict, lrs: dict, x, y):
+def step_rates(meta: MetaConfig, params: dict, lrs: dict | None, step: int) -> dict:
+  """Each adapted parameter's inner rate at ``step``, broadcastable to its ``[B, ...]`` copy."""
+  keys = adapted_keys(meta, params)
+  if meta.learn_inner_lr:
+    return {k: lrs[k][None] for k in keys}
+  if meta.per_step_inner_lr:
+    return {k: lrs[k][min(step, meta.inner_steps - 1)] for k in keys}
+  return {k: tf.constant(meta.inner_lr, params[k].dtype) for k in keys}
+
+
+def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
+                 ctx: models.ForwardContext | None = None):
   """One adaptation step of every task; returns (new fast params, support loss, metric)."""
+  scale = loss_scale(cfg, meta, x.shape[1], x.shape[1])
   with tf.GradientTape() as tape:
-    tape.watch(list(fast.values()))
-    losses, metric = task_losses(cfg, meta, fast, x, y)
-    total = tf.reduce_sum(losses)
-  grads = tape.gradient(total, fast)
-  if meta.first_order:
+    watched = {k: fast[k] for k in rates}
+    tape.watch(list(watched.values()))
+    losses, metric = task_losses(cfg, meta, fast, x, y, ctx)
+    total = tf.reduce_sum(losses) * scale
+  grads = tape.gradient(total, watched)
+  if first_order:
     grads = {k: tf.stop_gradient(g) for k, g in grads.items()}
-  new = {k: fast[k] - lrs[k][None] * grads[k] for k in fast}
+  new = dict(fast)
+  new.update({k: fast[k] - rates[k] * grads[k] for k in rates})
   return new, losses, metric
 
 
-def learning_rates(meta: MetaConfig, params: dict, lrs: dict | None) -> dict:
-  if meta.learn_inner_lr:
-    return lrs
-  return {k: tf.constant(meta.inner_lr, v.dtype) for k, v in params.items()}
+def msl_weights(meta: MetaConfig, iteration: tf.Tensor) -> tf.Tensor:
+  """Weights ``[inner_steps]`` of the query losses after steps 1..S at ``iteration``.
 
-
-def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_batch: int):
-  """This replica's share of the meta-objective: sum of its tasks' query losses / global B.
-
-  ``batch`` holds ``support_x [B, n, ...]``, ``support_y``, ``query_x``, ``query_y``. Returns the
-  scalar and metric sums (divide by ``global_batch`` after summing over replicas).
+  Uniform at iteration 0; each non-final weight falls linearly to ``0.03 / S`` (MAML++'s floor)
+  and the final one takes up the rest, reaching the floor at ``msl_iterations``; after that
+  only the last step counts. Without MSL: ``[0, ..., 0, 1]``.
   """
+  steps = meta.inner_steps
+  last = tf.one_hot(steps - 1, steps)
+  if not meta.msl_iterations or steps == 1:
+    return last
+  progress = tf.minimum(tf.cast(iteration, tf.float32) / meta.msl_iterations, 1.0)
+  floor = MSL_MIN_WEIGHT / steps
+  early = 1.0 / steps - progress * (1.0 / steps - floor)
+  weights = early * (1.0 - last)
+  weights += last * (1.0 - tf.reduce_sum(weights))
+  return tf.where(tf.cast(iteration, tf.float32) >= meta.msl_iterations, last, weights)
+
+
+def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_batch: int, *,
+              first_order: bool | None = None, step_weights: tf.Tensor | None = None,
+              moments: dict | None = None):
+  """This replica's share of the meta-objective: its tasks' weighted query losses / global B.
+
+  ``batch`` holds ``support_x [B, n, ...]``, ``support_y``, ``query_x``, ``query_y``.
+  ``step_weights [inner_steps]`` weights the query loss after each step (MSL); None: the last
+  step only. ``moments``, if a dict, receives the batch statistics of every per-step slot
+  (support at step s -> slot s, query after S steps -> slot S) for running statistics.
+  Returns the scalar and metric sums (divide by ``global_batch`` after summing over replicas).
+  """
+  first_order = meta.first_order if first_order is None else first_order
   tasks = batch["support_x"].shape[0]
-  rates = learning_rates(meta, params, lrs)
+  n_support, n_query = batch["support_x"].shape[1], batch["query_x"].shape[1]
+  query_scale = loss_scale(cfg, meta, n_query, n_support)
   fast = tile(params, tasks)
+  objective = 0.0
   support_loss = support_metric = None
-  for _ in range(meta.inner_steps):
-    fast, losses, metric = inner_update(cfg, meta, fast, rates, batch["support_x"],
-                                        batch["support_y"])
+  for step in range(meta.inner_steps):
+    ctx = models.ForwardContext(step=step, moments={} if moments is not None else None)
+    fast, losses, metric = inner_update(cfg, meta, fast, step_rates(meta, params, lrs, step),
+                                        batch["support_x"], batch["support_y"],
+                                        first_order=first_order, ctx=ctx)
+    if moments is not None and step < cfg.stat_slots:
+      moments[step] = ctx.moments
     if support_loss is None:
       support_loss, support_metric = losses, metric  # before adaptation, for free
-  query_loss, query_metric = task_losses(cfg, meta, fast, batch["query_x"], batch["query_y"])
-  objective = tf.reduce_sum(query_loss) / global_batch
+    if step_weights is not None and step < meta.inner_steps - 1:
+      query_loss, _ = task_losses(cfg, meta, fast, batch["query_x"], batch["query_y"],
+                                  models.ForwardContext(step=step + 1))
+      objective += step_weights[step] * tf.reduce_sum(query_loss)
+  ctx = models.ForwardContext(step=meta.inner_steps,
+                              moments={} if moments is not None else None)
+  query_loss, query_metric = task_losses(cfg, meta, fast, batch["query_x"], batch["query_y"], ctx)
+  if moments is not None and meta.inner_steps < cfg.stat_slots:
+    moments[meta.inner_steps] = ctx.moments
+  last_weight = 1.0 if step_weights is None else step_weights[-1]
+  objective += last_weight * tf.reduce_sum(query_loss)
+  objective = objective * query_scale / global_batch
   sums = {"support_loss_pre": tf.reduce_sum(support_loss),
           "support_metric_pre": tf.reduce_sum(support_metric),
           "query_loss_post": tf.reduce_sum(query_loss),
@@ -86,32 +195,60 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   return objective, sums
 
 
-def meta_gradients(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_batch: int):
-  """Gradients of :func:`meta_loss` w.r.t. params (and rates when learned), plus metric sums."""
+def stack_moments(cfg: models.ModelConfig, moments: dict) -> dict:
+  """Per-slot moments -> ``[stat_slots, C]`` per statistic (training visits slots 0..S)."""
+  slots = [moments[s] for s in sorted(moments)]
+  while len(slots) < cfg.stat_slots:
+    slots.append(slots[-1])
+  return {k: tf.stack([m[k] for m in slots]) for k in slots[0]}
+
+
+def meta_gradients(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_batch: int,
+                   *, first_order: bool | None = None, iteration: tf.Tensor | None = None):
+  """Gradients of :func:`meta_loss` w.r.t. params (and rates when learned), plus metric sums.
+
+  ``iteration`` (the meta-step about to be taken) sets the MSL weights; with running
+  statistics, the sums also hold this step's batch moments (``moments/<layer>/<stat>``,
+  averaged over the replica's tasks).
+  """
   watched = dict(params)
-  if meta.learn_inner_lr:
+  if lrs:
     watched.update({f"lr/{k}": v for k, v in lrs.items()})
+  step_weights = None
+  if meta.msl_iterations:
+    step_weights = msl_weights(meta, 0 if iteration is None else iteration)
+  moments = {} if cfg.stat_slots else None
   with tf.GradientTape() as tape:
     tape.watch(list(watched.values()))
     p = {k: watched[k] for k in params}
-    r = {k: watched[f"lr/{k}"] for k in params} if meta.learn_inner_lr else None
-    objective, sums = meta_loss(cfg, meta, p, r, batch, global_batch)
+    r = {k: watched[f"lr/{k}"] for k in lrs} if lrs else None
+    objective, sums = meta_loss(cfg, meta, p, r, batch, global_batch, first_order=first_order,
+                                step_weights=step_weights, moments=moments)
   grads = tape.gradient(objective, watched)
+  grads = {k: tf.zeros_like(v) if grads[k] is None else grads[k] for k, v in watched.items()}
+  if moments is not None:
+    sums.update({f"moments/{k}": v for k, v in stack_moments(cfg, moments).items()})
   return grads, sums
 
 
-def evaluate(cfg, meta, params: dict, lrs: dict | None, batch: dict, steps: int):
-  """Query loss and metric of each task after 0..steps adaptation steps: two ``[steps+1, B]``."""
+def evaluate(cfg, meta, params: dict, lrs: dict | None, batch: dict, steps: int,
+             stats: dict | None = None):
+  """Query loss and metric of each task after 0..steps adaptation steps: two ``[steps+1, B]``.
+
+  ``stats``: running statistics to normalise with (models with ``stat_slots``); None: batch
+  statistics, transductive as in the paper.
+  """
   tasks = batch["support_x"].shape[0]
-  rates = learning_rates(meta, params, lrs)
   fast = tile(params, tasks)
-  no_grad_meta = dataclasses.replace(meta, first_order=True)
   losses, metrics = [], []
   for step in range(steps + 1):
-    loss, metric = task_losses(cfg, meta, fast, batch["query_x"], batch["query_y"])
+    ctx = models.ForwardContext(step=step, stats=stats)
+    loss, metric = task_losses(cfg, meta, fast, batch["query_x"], batch["query_y"], ctx)
     losses.append(loss)
     metrics.append(metric)
     if step < steps:
-      fast, _, _ = inner_update(cfg, no_grad_meta, fast, rates, batch["support_x"],
-                                batch["support_y"])
+      fast, _, _ = inner_update(cfg, meta, fast, step_rates(meta, params, lrs, step),
+                                batch["support_x"], batch["support_y"], first_order=True,
+                                ctx=ctx)
   return tf.stack(losses), tf.stack(metrics)
+

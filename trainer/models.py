@@ -32,6 +32,18 @@ class ModelConfig:
   features: str = "mean"  # conv4 head input: "mean" over space (MAML Omniglot) or "flatten"
   hidden_sizes: tuple[int, ...] = (40, 40)
   norm: str = "batch_norm"
+  # The original MAML code's batch norm (tf.contrib.layers.batch_norm defaults) has an offset
+  # but no scale; ours has both unless this is False.
+  norm_scale: bool = True
+  # Head initialisation: "glorot", or "normal" = N(0, 1), the original Omniglot code's w5.
+  head_init: str = "glorot"
+  # Per-step norm parameters (MAML++'s BNWB): 0 = one set shared by every inner step; n > 0 =
+  # n sets, set s used by forward passes after s inner updates (the last set beyond n - 1).
+  param_slots: int = 0
+  # Running statistics (MAML++'s BNRS when n > 1): 0 = none, batch statistics at test time too
+  # (the paper's transductive setting); n > 0 = n per-step sets tracked in training and used in
+  # evaluation, so a prediction does not depend on the other query examples.
+  stat_slots: int = 0
 
   def __post_init__(self):
     if self.kind not in ("conv4", "mlp"):
@@ -42,6 +54,31 @@ class ModelConfig:
       raise ValueError(f"downsample={self.downsample!r}: must be stride or maxpool")
     if self.features not in ("mean", "flatten"):
       raise ValueError(f"features={self.features!r}: must be mean or flatten")
+    if self.head_init not in ("glorot", "normal"):
+      raise ValueError(f"head_init={self.head_init!r}: must be glorot or normal")
+    if (self.param_slots or self.stat_slots) and self.norm == "none":
+      raise ValueError("per-step norm parameters or running statistics need a norm")
+    if self.stat_slots and self.norm != "batch_norm":
+      raise ValueError(f"running statistics need norm=batch_norm, not {self.norm!r}")
+
+  def norm_layers(self) -> list[tuple[str, int]]:
+    """(name, width) of every normalised layer, in order."""
+    if self.kind == "conv4":
+      return [(f"conv{i}", self.num_filters) for i in range(4)]
+    return [(f"dense{i}", h) for i, h in enumerate(self.hidden_sizes)]
+
+
+def is_norm_param(name: str) -> bool:
+  return name.endswith("/scale") or name.endswith("/offset")
+
+
+def init_stats(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Running statistics (zero means, unit variances), ``[stat_slots, width]`` per layer."""
+  stats = {}
+  for prefix, width in cfg.norm_layers() if cfg.stat_slots else []:
+    stats[f"{prefix}/mean"] = np.zeros([cfg.stat_slots, width], np.float32)
+    stats[f"{prefix}/variance"] = np.ones([cfg.stat_slots, width], np.float32)
+  return stats
 
 
 def _conv_output_side(cfg: ModelConfig) -> int:
@@ -63,8 +100,10 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
 
   def norm_params(prefix, width):
     if cfg.norm != "none":
-      params[f"{prefix}/scale"] = np.ones([width], np.float32)
-      params[f"{prefix}/offset"] = np.zeros([width], np.float32)
+      shape = [cfg.param_slots, width] if cfg.param_slots else [width]
+      if cfg.norm_scale:
+        params[f"{prefix}/scale"] = np.ones(shape, np.float32)
+      params[f"{prefix}/offset"] = np.zeros(shape, np.float32)
     else:
       params[f"{prefix}/bias"] = np.zeros([width], np.float32)
 
@@ -83,7 +122,10 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
       params[f"dense{i}/kernel"] = glorot([width, hidden], width, hidden)
       norm_params(f"dense{i}", hidden)
       width = hidden
-  params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
+  if cfg.head_init == "normal":
+    params["out/kernel"] = rng.normal(0.0, 1.0, [width, cfg.num_outputs]).astype(np.float32)
+  else:
+    params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
   params["out/bias"] = np.zeros([cfg.num_outputs], np.float32)
   return params
 
@@ -98,28 +140,54 @@ def _moments(x: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
   return mean, tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
 
 
-def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str,
-               groups: int) -> tf.Tensor:
+def _slot(values: tf.Tensor, slots: int, step: int, axis: int) -> tf.Tensor:
+  """Set ``min(step, slots - 1)`` of per-step values (the last set serves longer evaluations)."""
+  return tf.gather(values, min(step, slots - 1), axis=axis)
+
+
+def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str, groups: int,
+               ctx: "ForwardContext") -> tf.Tensor:
   """Norm over a grouped activation ``[n, ..., B*C]`` with per-task ``[B, C]`` parameters.
 
   batch_norm: statistics of the current batch of each task (the paper's transductive setting,
-  used at test time too). layer_norm: per example and task, over its features; no batch
-  statistics, so predictions do not depend on the other examples.
+  used at test time too), unless ``ctx.stats`` holds running statistics to use instead.
+  layer_norm: per example and task, over its features; no batch statistics, so predictions do
+  not depend on the other examples.
   """
   if cfg.norm == "none":
     return h + tf.reshape(params[f"{prefix}/bias"], [-1])
-  scale = tf.reshape(params[f"{prefix}/scale"], [-1])
-  offset = tf.reshape(params[f"{prefix}/offset"], [-1])
+  width = h.shape[-1]
+
+  def per_task(name, default):
+    if f"{prefix}/{name}" not in params:
+      return tf.constant(default, h.dtype, [width])
+    value = params[f"{prefix}/{name}"]  # [B, C] or [B, slots, C]
+    if cfg.param_slots:
+      value = _slot(value, cfg.param_slots, ctx.step, axis=1)
+    return tf.reshape(value, [-1])
+
+  scale, offset = per_task("scale", 1.0), per_task("offset", 0.0)
+  if cfg.norm == "batch_norm" and ctx.stats is not None:
+    mean, var = (tf.tile(_slot(tf.cast(ctx.stats[f"{prefix}/{name}"], h.dtype), cfg.stat_slots,
+                               ctx.step, axis=0), [groups])
+                 for name in ("mean", "variance"))
+    if h.shape.rank == 4:
+      y, _, _ = tf.compat.v1.nn.fused_batch_norm(h, scale, offset, mean=mean, variance=var,
+                                                 epsilon=EPSILON, is_training=False)
+      return y
+    return (h - mean) * tf.math.rsqrt(var + EPSILON) * scale + offset
   if cfg.norm == "batch_norm" and h.shape.rank == 4:
     # One fused kernel (and one for its gradient) instead of ~8 passes over the activations,
     # which dominate the step's time at these small convolutions. Its gradient of gradient is
     # registered, so second-order MAML works through it.
-    y, _, _ = tf.compat.v1.nn.fused_batch_norm(h, scale, offset, epsilon=EPSILON,
-                                               is_training=True)
+    y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(h, scale, offset,
+                                                                epsilon=EPSILON, is_training=True)
+    ctx.record(prefix, batch_mean, batch_var, groups)
     return y
   if cfg.norm == "batch_norm":
     axes = list(range(h.shape.rank - 1))
     mean, var = _moments(h, axes)
+    ctx.record(prefix, tf.reshape(mean, [-1]), tf.reshape(var, [-1]), groups)
     h = (h - mean) * tf.math.rsqrt(var + EPSILON)
   else:
     shape = tf.shape(h)
@@ -131,12 +199,35 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str,
   return h * scale + offset
 
 
+@dataclasses.dataclass
+class ForwardContext:
+  """What a forward pass needs beyond parameters and inputs, and what it reports back.
+
+  ``step``: inner updates made so far (selects per-step norm parameters and statistics).
+  ``stats``: running statistics ``[stat_slots, C]`` per layer to normalise with, or None for
+  batch statistics. ``moments``: if a dict, filled with each layer's batch mean and variance
+  averaged over tasks (gradient stopped), for updating running statistics.
+  """
+  step: int = 0
+  stats: dict | None = None
+  moments: dict | None = None
+
+  def record(self, prefix: str, mean: tf.Tensor, var: tf.Tensor, groups: int) -> None:
+    if self.moments is None:
+      return
+    average = lambda t: tf.stop_gradient(tf.reduce_mean(tf.reshape(t, [groups, -1]), axis=0))
+    self.moments[f"{prefix}/mean"] = average(mean)
+    self.moments[f"{prefix}/variance"] = average(var)
+
+
 def _head(features: tf.Tensor, params: dict) -> tf.Tensor:
   return tf.einsum("bnd,bdk->bnk", features, params["out/kernel"]) + params["out/bias"][:, None, :]
 
 
-def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
+          ctx: ForwardContext | None = None) -> tf.Tensor:
   """Outputs ``[B, n, num_outputs]`` for inputs ``[B, n, *input_shape]`` and params ``[B, ...]``."""
+  ctx = ctx or ForwardContext()
   B, n = x.shape[0], x.shape[1]
   if cfg.kind == "mlp":
     h = tf.reshape(x, [B, n, -1])
@@ -144,7 +235,7 @@ def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Te
       h = tf.einsum("bnd,bdk->bnk", h, params[f"dense{i}/kernel"])
       width = h.shape[-1]
       g = tf.reshape(tf.transpose(h, [1, 0, 2]), [n, B * width])  # grouped layout [n, B*C]
-      g = tf.nn.relu(_normalize(cfg, g, params, f"dense{i}", B))
+      g = tf.nn.relu(_normalize(cfg, g, params, f"dense{i}", B, ctx))
       h = tf.transpose(tf.reshape(g, [n, B, width]), [1, 0, 2])
     return _head(h, params)
   H, W, C = cfg.input_shape
@@ -155,7 +246,7 @@ def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Te
     grouped = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, cin, B * cout])
     stride = 2 if cfg.downsample == "stride" else 1
     h = tf.nn.conv2d(h, grouped, strides=stride, padding="SAME")
-    h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B))
+    h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B, ctx))
     if cfg.downsample == "maxpool":
       h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")
   side_h, side_w = h.shape[1], h.shape[2]

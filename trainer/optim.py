@@ -9,6 +9,7 @@ strategies, inside a ``tf.function`` and next to an XLA-compiled gradient functi
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import tensorflow as tf
 
@@ -22,6 +23,25 @@ class AdamConfig:
   beta2: float = 0.999
   epsilon: float = 1e-8  # tf.compat.v1.train.AdamOptimizer's, as the original MAML used
   clip_value: float = 0.0  # element-wise clipping of the meta-gradient to [-c, c]; 0 = off
+  # "constant", or "cosine": MAML++'s annealing from learning_rate to min_learning_rate over
+  # decay_steps iterations (per iteration here, per epoch of 500 there).
+  schedule: str = "constant"
+  min_learning_rate: float = 0.0
+  decay_steps: int = 0
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"schedule={self.schedule!r}: must be constant or cosine")
+    if self.schedule == "cosine" and self.decay_steps < 1:
+      raise ValueError("a cosine schedule needs decay_steps >= 1")
+
+  def rate(self, iteration: tf.Tensor) -> tf.Tensor:
+    """The learning rate of the update made at ``iteration`` (0-based)."""
+    if self.schedule == "constant":
+      return tf.constant(self.learning_rate, tf.float32)
+    progress = tf.minimum(tf.cast(iteration, tf.float32) / self.decay_steps, 1.0)
+    return self.min_learning_rate + 0.5 * (self.learning_rate - self.min_learning_rate) * (
+        1.0 + tf.cos(math.pi * progress))
 
 
 class Adam:
@@ -37,7 +57,7 @@ class Adam:
   def apply(self, variables: dict[str, tf.Variable], grads: dict[str, tf.Tensor]) -> None:
     cfg = self.cfg
     t = tf.cast(self.iterations + 1, tf.float32)
-    rate = cfg.learning_rate * tf.sqrt(1.0 - cfg.beta2 ** t) / (1.0 - cfg.beta1 ** t)
+    rate = cfg.rate(self.iterations) * tf.sqrt(1.0 - cfg.beta2 ** t) / (1.0 - cfg.beta1 ** t)
     for k, var in variables.items():
       g = grads[k]
       if cfg.clip_value > 0:

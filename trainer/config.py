@@ -53,10 +53,14 @@ flags.DEFINE_enum("head_init", "glorot", ["glorot", "normal"], "Output layer ini
 flags.DEFINE_boolean("per_step_bn_params", False, "MAML++ BNWB: a separate norm scale/offset "
                      "for each inner step (forward passes after s updates use set s).")
 flags.DEFINE_enum("bn_running_stats", "none", ["none", "shared", "per_step"],
-                  "Track running batch-norm statistics in training and normalise with them in "
-                  "evaluation, so predictions do not depend on the query batch. per_step is "
-                  "MAML++ BNRS (one set per inner step); none keeps the paper's batch "
-                  "statistics at test time.")
+                  "Track running batch-norm statistics in training (per_step: one set per "
+                  "inner step, MAML++ BNRS). Used in evaluation only with "
+                  "--eval_norm_stats=running.")
+flags.DEFINE_enum("eval_norm_stats", "batch", ["batch", "running"],
+                  "Batch-norm statistics in evaluation: batch = each task's current batch "
+                  "(transductive: the paper's and MAML++'s code); running = the tracked "
+                  "running statistics, so a prediction does not depend on the other query "
+                  "examples. Writes eval_<split>_running.json instead of eval_<split>.json.")
 
 # --- meta-learning ---
 flags.DEFINE_integer("inner_steps", 1, "Adaptation steps in meta-training.", lower_bound=1)

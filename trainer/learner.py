@@ -26,8 +26,14 @@ class MetaLearner:
   def __init__(self, strategy: tf.distribute.Strategy, model: models.ModelConfig,
                meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
                meta_batch_size: int, eval_inner_steps: int, jit_compile: bool,
-               eval_batch_size: int | None = None):
+               eval_batch_size: int | None = None, eval_running_stats: bool = False):
+    if eval_running_stats and not model.stat_slots:
+      raise ValueError("evaluating with running statistics needs them tracked "
+                       "(--bn_running_stats=shared or per_step)")
     self.strategy, self.model, self.meta = strategy, model, meta
+    # Normalise evaluation batches with the running statistics (per example, inductive)
+    # instead of each task's batch statistics (transductive, the paper's and MAML++'s way).
+    self.eval_running_stats = eval_running_stats
     self.meta_batch_size = meta_batch_size
     replicas = strategy.num_replicas_in_sync
     self._train_per_replica = meta_batch_size // replicas
@@ -113,7 +119,8 @@ class MetaLearner:
   def _replica_eval_step(self, batch):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._eval_per_replica)
-    stats = {k: tf.identity(v) for k, v in self.stats.items()} or None
+    stats = ({k: tf.identity(v) for k, v in self.stats.items()} if self.eval_running_stats
+             else None)
     losses, metrics = self._evaluate(params, lrs, inputs, stats=stats)
     # int32: collectives cannot gather booleans.
     return losses, metrics, tf.cast(batch["valid"], tf.int32), batch["episode_id"]

@@ -192,6 +192,8 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   summary = run_evaluation(learner, task, cfg.eval_split, cfg.eval_episodes)
   summary["checkpoint"] = chosen
   if distribute.is_chief(learner.strategy):
-    evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}.json", summary)
+    suffix = "_running" if getattr(learner, "eval_running_stats", False) else ""
+    summary["norm_stats"] = "running" if suffix else "batch"
+    evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{suffix}.json", summary)
   return summary
 

@@ -94,7 +94,8 @@ def build_supervised(strategy):
       strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
       meta_batch_size=FLAGS.meta_batch_size,
       eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit,
-      eval_batch_size=FLAGS.eval_batch_size)
+      eval_batch_size=FLAGS.eval_batch_size,
+      eval_running_stats=FLAGS.eval_norm_stats == "running")
   return task, meta_learner, jit
 
 

@@ -165,6 +165,8 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   n_support, n_query = batch["support_x"].shape[1], batch["query_x"].shape[1]
   query_scale = loss_scale(cfg, meta, n_query, n_support)
   fast = tile(params, tasks)
+  if step_weights is not None:
+    step_weights = tf.cast(step_weights, batch["query_x"].dtype)
   objective = 0.0
   support_loss = support_metric = None
   for step in range(meta.inner_steps):

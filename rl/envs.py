@@ -3,7 +3,8 @@
 Each environment holds one task at a time: ``sample_tasks(n, rng)`` draws task descriptions
 (plain dicts, picklable, so worker processes can receive them) and ``reset_task(task)`` makes
 one current. The locomotion tasks subclass gymnasium's MuJoCo v5 environments and replace
-only the reward (and, for Ant goal, nothing else), so physics and observations stay upstream's.
+only the reward (and, for Ant goal, put the torso's x, y back into the observation), so physics
+and observations otherwise stay upstream's.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ class TaskEnv:
 class Navigation2D(TaskEnv, gym.Env):
   """Point agent from the origin to a goal drawn uniformly in the unit square [-0.5, 0.5]^2.
 
-  Observation: position. Action: velocity, clipped to [-0.1, 0.1]. Reward: minus the squared
-  distance to the goal after the move. Done within 0.01 of the goal (each coordinate); the
-  horizon (100) is the sampler's.
+  Observation: position. Action: velocity, clipped to [-0.1, 0.1]. Reward: minus the distance
+  to the goal after the move (``reward="distance"``, the original code's point environment,
+  which produced the paper's Table 4), or minus its square (``"squared"``, as the paper's text
+  says). Done within 0.01 of the goal (each coordinate); the horizon (100) is the sampler's.
   """
 
-  def __init__(self, task: dict | None = None):
+  def __init__(self, task: dict | None = None, reward: str = "distance"):
+    if reward not in ("distance", "squared"):
+      raise ValueError(f"2DNavigation reward={reward!r}: must be distance or squared")
+    self.reward = reward
     self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
     self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
     self._goal = np.zeros(2)
@@ -57,7 +62,8 @@ class Navigation2D(TaskEnv, gym.Env):
     action = np.clip(action, -0.1, 0.1)
     self._state = self._state + action
     delta = self._state - self._goal
-    reward = -float(np.sum(delta ** 2))
+    squared = float(np.sum(delta ** 2))
+    reward = -squared if self.reward == "squared" else -np.sqrt(squared)
     done = bool(np.all(np.abs(delta) < 0.01))
     return self._state.astype(np.float32), reward, done, False, {"task": {"goal": self._goal}}
 
@@ -204,7 +210,9 @@ make_ant_dir = _locomotion(
     lambda env, v, d: float(d) * v, _ant_reward)
 make_ant_goal = _locomotion(  # -|xy - goal|_1, goal uniform in a disc of radius 3
     "ant", "goal", _disc, lambda env, v, goal: -float(np.sum(np.abs(_torso_xy(env) - goal))),
-    _ant_reward)
+    # The torso's x, y in the observation, as in the original (rllab) task: without them a
+    # memoryless policy cannot know where it is relative to the goal.
+    _ant_reward, exclude_current_positions_from_observation=False)
 
 
 # name -> (factory, horizon)
@@ -225,7 +233,10 @@ ENVS = {
 def make(name: str, **kwargs):
   if name not in ENVS:
     raise ValueError(f"--env={name}: unknown (known: {', '.join(sorted(ENVS))})")
-  return ENVS[name][0](**kwargs)
+  try:
+    return ENVS[name][0](**kwargs)
+  except TypeError as e:  # an option the environment does not take
+    raise ValueError(f"--env_kwargs={kwargs}: not accepted by {name}: {e}") from None
 
 
 def horizon(name: str) -> int:

@@ -30,8 +30,8 @@ class Rollouts:
     return (self.rewards * self.mask).sum(axis=1)
 
 
-def _worker(remote, env_name: str, count: int):
-  envs = [rl_envs.make(env_name) for _ in range(count)]
+def _worker(remote, env_name: str, count: int, env_kwargs: dict):
+  envs = [rl_envs.make(env_name, **env_kwargs) for _ in range(count)]
   try:
     while True:
       cmd, payload = remote.recv()
@@ -66,16 +66,18 @@ def _step(envs, actions, active):
 class VectorSampler:
   """``num_envs`` environments of ``env_name`` spread over ``num_workers`` processes (0: none)."""
 
-  def __init__(self, env_name: str, num_envs: int, num_workers: int = 0):
+  def __init__(self, env_name: str, num_envs: int, num_workers: int = 0,
+               env_kwargs: dict | None = None):
     self.env_name, self.num_envs = env_name, num_envs
-    probe = rl_envs.make(env_name)
+    env_kwargs = dict(env_kwargs or {})
+    probe = rl_envs.make(env_name, **env_kwargs)
     self.discrete = hasattr(probe.action_space, "n")
     self.obs_dim = int(np.prod(probe.observation_space.shape))
     self.action_dim = int(probe.action_space.n if self.discrete else probe.action_space.shape[0])
     self.task_sampler = probe
     self.num_workers = max(0, min(num_workers, num_envs))
     if self.num_workers <= 1:
-      self._envs = [rl_envs.make(env_name) for _ in range(num_envs)]
+      self._envs = [rl_envs.make(env_name, **env_kwargs) for _ in range(num_envs)]
       self._remotes, self._slices = [], []
     else:
       ctx = mp.get_context("spawn")
@@ -84,7 +86,7 @@ class VectorSampler:
       self._remotes, self._procs = [], []
       for s in self._slices:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, env_name, s.stop - s.start), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, env_name, s.stop - s.start, env_kwargs), daemon=True)
         proc.start()
         child.close()
         self._remotes.append(parent)

@@ -30,10 +30,37 @@ def test_navigation_reward_clipping_termination_and_goals():
   np.testing.assert_array_equal(obs, [0, 0])
   obs, reward, done, _, _ = env.step(np.array([1.0, -0.05]))  # x clipped to 0.1
   np.testing.assert_allclose(obs, [0.1, -0.05])
-  assert reward == pytest.approx(-((0.1 - 0.05) ** 2 + (-0.05 + 0.15) ** 2))
+  # Minus the distance, as the original code's point environment (Table 4's numbers).
+  assert reward == pytest.approx(-np.hypot(0.1 - 0.05, -0.05 + 0.15))
   assert not done
   _, reward, done, _, _ = env.step(np.array([-0.05, -0.095]))  # now 0.005 from the goal
-  assert done and reward == pytest.approx(-(0.0 ** 2 + 0.005 ** 2), abs=1e-12)
+  assert done and reward == pytest.approx(-0.005, abs=1e-12)
+
+
+def test_navigation_squared_reward_is_an_option_of_the_registered_id():
+  env = gym.make("maml/2DNavigation-v0", reward="squared").unwrapped
+  env.reset_task({"goal": [0.05, -0.15]})
+  env.reset(seed=0)
+  _, reward, _, _, _ = env.step(np.array([0.1, -0.05]))
+  assert reward == pytest.approx(-((0.1 - 0.05) ** 2 + (-0.05 + 0.15) ** 2))
+  with pytest.raises(ValueError, match="reward='cubed'"):
+    envs.make("2DNavigation-v0", reward="cubed")
+  with pytest.raises(ValueError, match="not accepted by 2DNavigation-v0"):
+    envs.make("2DNavigation-v0", speed=2)
+
+
+def test_ant_goal_observes_the_torso_position():
+  env = envs.make("AntGoal-v5")
+  env.reset_task({"goal": [1.0, -2.0]})
+  obs, _ = env.reset(seed=0)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    obs, *_ = env.step(rng.uniform(-1, 1, env.action_space.shape))
+  np.testing.assert_allclose(obs[:2], env.data.qpos[:2], atol=1e-6)  # the free joint's x, y
+  np.testing.assert_allclose(obs[:2], env.data.body(1).xpos[:2], atol=1e-2)  # = the torso's
+  assert np.abs(obs[:2]).max() > 0.05  # it moved: these are positions, not a constant
+  assert obs.shape[0] == envs.make("AntVel-v5").observation_space.shape[0] + 2
+  env.close()
 
 
 def test_bandit_pays_bernoulli_rewards_of_the_task_means():

@@ -99,6 +99,9 @@ flags.DEFINE_float("clip_value", 0.0, "Clip each meta-gradient entry to [-c, c] 
 flags.DEFINE_string("env", "2DNavigation-v0", "RL task family: 2DNavigation-v0, Bandit-K5-v0, "
                     "Bandit-K10-v0, Bandit-K50-v0, TabularMDP-v0, HalfCheetahVel-v5, "
                     "HalfCheetahDir-v5, AntVel-v5, AntDir-v5, AntGoal-v5.")
+flags.DEFINE_string("env_kwargs", "{}", "JSON object of options for the task family, e.g. "
+                    "'{\"reward\": \"squared\"}' for 2DNavigation-v0's squared-distance reward "
+                    "(default: minus the distance, as the original code).")
 flags.DEFINE_integer("rollouts_per_task", 20, "Episodes per task and per adaptation round.",
                      lower_bound=1)
 flags.DEFINE_integer("horizon", 0, "Episode length (0: the task family's: 100 navigation, "

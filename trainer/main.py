@@ -5,6 +5,7 @@ Deliberately thin: flags -> config objects -> task, strategy and learner -> trai
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -42,8 +43,14 @@ def build_rl(strategy):
   if FLAGS.env not in envs.ENVS:
     raise DataError(f"--env={FLAGS.env}: unknown (known: {', '.join(sorted(envs.ENVS))})")
   horizon = FLAGS.horizon or envs.horizon(FLAGS.env)
+  try:
+    env_kwargs = json.loads(FLAGS.env_kwargs)
+  except json.JSONDecodeError as e:
+    raise DataError(f"--env_kwargs={FLAGS.env_kwargs}: not JSON ({e})") from None
+  if not isinstance(env_kwargs, dict):
+    raise DataError(f"--env_kwargs={FLAGS.env_kwargs}: must be a JSON object")
   vector = sampler.VectorSampler(FLAGS.env, FLAGS.meta_batch_size * FLAGS.rollouts_per_task,
-                                 FLAGS.num_workers)
+                                 FLAGS.num_workers, env_kwargs)
   policy = policies.PolicyConfig("categorical" if vector.discrete else "gaussian",
                                  vector.obs_dim, vector.action_dim,
                                  tuple(int(h) for h in FLAGS.hidden_sizes))

@@ -127,8 +127,11 @@ class RLMetaLearner:
       grads, surrogate, _ = self._trpo.gradient(params, pre, post, old_logp, old_dist)
       self.optimizer.apply(self.params, grads)
       outer_loss = float(surrogate)
-    return {"support_loss_pre": inner_loss, "support_metric_pre": float(rets[0].mean()),
-            "query_loss_post": outer_loss, "query_metric_post": float(rets[-1].mean())}
+    metrics = {"support_loss_pre": inner_loss, "support_metric_pre": float(rets[0].mean()),
+               "query_loss_post": outer_loss, "query_metric_post": float(rets[-1].mean())}
+    if "log_std" in self.params:  # Gaussian policies: the exploration left to adapt with
+      metrics["policy_std"] = float(tf.reduce_mean(tf.exp(self.params["log_std"])))
+    return metrics
 
   def train_loop(self, iterator, num_steps) -> dict:
     totals = None

@@ -148,11 +148,14 @@ def train(learner, task, cfg: RunConfig) -> dict:
               f"train/support_{task.metric}_pre": means["support_metric_pre"],
               "train/query_loss_post": means["query_loss_post"],
               f"train/query_{task.metric}_post": means["query_metric_post"],
-              "train/steps_per_s": n / elapsed})
+              "train/steps_per_s": n / elapsed,
+              **{f"train/{k}": v for k, v in means.items() if k not in _STANDARD}})
         if (cfg.eval_every and step % cfg.eval_every == 0) or final:
           summary = run_evaluation(learner, task, "val", cfg.val_episodes)
           last = summary["by_inner_steps"][str(len(summary["by_inner_steps"]) - 1)]
-          logs.scalars(step, {f"val/{task.metric}": last["mean"], "val/ci95": last["ci95"]})
+          logs.scalars(step, {f"val/{task.metric}": last["mean"], "val/ci95": last["ci95"],
+                              **{f"val/{task.metric}_after_{k}_steps": v["mean"]
+                                 for k, v in summary["by_inner_steps"].items()}})
           better = (best is None or (last["mean"] > best["value"] if task.higher_is_better
                                      else last["mean"] < best["value"]))
           if better:
@@ -172,6 +175,9 @@ def train(learner, task, cfg: RunConfig) -> dict:
   finally:
     logs.close()
   return {"status": status, "step": step, "best": best}
+
+
+_STANDARD = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
 
 
 def _next_multiple(step: int, every: int) -> int:

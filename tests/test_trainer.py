@@ -73,6 +73,37 @@ def test_every_paper_config_parses_and_documents_itself():
     assert f"--flagfile=configs/{cfg.name}" in text and "Expected:" in text and "Time:" in text
   result = trainer("--flagfile=configs/sinusoid_5shot.cfg", "--helpfull")
   assert "--[no]learn_inner_lr: Meta-SGD" in result.stdout  # absl exits 1 after help
+  for name in ("omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_20w5s",
+               "mini_5w1s", "mini_5w5s"):  # the paper's experiments run the original's settings
+    text = (REPO / "configs" / f"{name}.cfg").read_text()
+    assert "--loss_reduction=original" in text and "Fidelity:" in text, name
+
+
+def test_every_config_builds_valid_model_meta_and_optimizer_settings():
+  script = textwrap.dedent("""
+      import sys
+      from pathlib import Path
+      from absl import flags
+      from trainer import config
+      for path in sorted(Path("configs").glob("*.cfg")):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["x", f"--flagfile={path}"])
+        if flags.FLAGS.dataset == "rl":
+          continue
+        shape = (84, 84, 3) if flags.FLAGS.dataset == "miniimagenet" else (28, 28, 1)
+        model = config.model_config(shape, flags.FLAGS.n_way)
+        meta = config.meta_config()
+        config.adam_config()
+        print(path.stem, model.param_slots, model.stat_slots, meta.inner_adapt,
+              meta.per_step_inner_lr, meta.msl_iterations)
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+  assert rows["mamlpp_omniglot_5w1s"] == ["6", "6", "no_norm", "True", "5000"]
+  assert rows["mamlpp_mini_5w1s"] == ["6", "6", "no_norm", "True", "7500"]
+  assert rows["anil_mini_5w1s"][2] == "head" and rows["omniglot_5w1s"][2] == "no_norm"
 
 
 # --- checkpoints -----------------------------------------------------------------------------

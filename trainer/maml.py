@@ -89,14 +89,38 @@ def loss_scale(cfg: models.ModelConfig, meta: MetaConfig, n_examples: int,
 def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.Tensor,
                 y: tf.Tensor, ctx: models.ForwardContext | None = None
                 ) -> tuple[tf.Tensor, tf.Tensor]:
-  """Per-task mean loss ``[B]`` and per-task metric ``[B]`` (accuracy, or MSE for regression)."""
-  out = models.apply(cfg, params, x, ctx)
+  """Per-task mean loss ``[B]`` and per-task metric ``[B]`` (accuracy, or MSE for regression).
+
+  With :func:`body_is_fixed`, ``x`` holds body features and only the head is applied.
+  """
+  if body_is_fixed(cfg, meta) and x.shape.rank == 3 and cfg.kind == "conv4":
+    out = models.head(x, params)
+  else:
+    out = models.apply(cfg, params, x, ctx)
   if meta.loss == "mse":
     mse = tf.reduce_mean(tf.square(out - y), axis=[1, 2])
     return mse, mse
   losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
   correct = tf.cast(tf.equal(tf.argmax(out, axis=-1, output_type=y.dtype), y), out.dtype)
   return tf.reduce_mean(losses, axis=1), tf.reduce_mean(correct, axis=1)
+
+
+def body_is_fixed(cfg: models.ModelConfig, meta: MetaConfig) -> bool:
+  """ANIL on a conv4 whose body does not change with the step: its features are computed once.
+
+  (Per-step norm parameters or statistics make the body step-dependent, so those recompute.)
+  """
+  return (meta.inner_adapt == "head" and cfg.kind == "conv4" and not cfg.param_slots
+          and not cfg.stat_slots)
+
+
+def body_features(cfg, meta, params: dict, batch: dict, stats: dict | None = None) -> dict:
+  """``batch`` with images replaced by body features when :func:`body_is_fixed`, else as is."""
+  if not body_is_fixed(cfg, meta):
+    return batch
+  ctx = models.ForwardContext(stats=stats)
+  return dict(batch, support_x=models.features(cfg, params, batch["support_x"], ctx),
+              query_x=models.features(cfg, params, batch["query_x"], ctx))
 
 
 def tile(params: dict, tasks: int) -> dict:
@@ -165,6 +189,7 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   n_support, n_query = batch["support_x"].shape[1], batch["query_x"].shape[1]
   query_scale = loss_scale(cfg, meta, n_query, n_support)
   fast = tile(params, tasks)
+  batch = body_features(cfg, meta, fast, batch)
   if step_weights is not None:
     step_weights = tf.cast(step_weights, batch["query_x"].dtype)
   objective = 0.0
@@ -242,6 +267,7 @@ def evaluate(cfg, meta, params: dict, lrs: dict | None, batch: dict, steps: int,
   """
   tasks = batch["support_x"].shape[0]
   fast = tile(params, tasks)
+  batch = body_features(cfg, meta, fast, batch, stats)
   losses, metrics = [], []
   for step in range(steps + 1):
     ctx = models.ForwardContext(step=step, stats=stats)

@@ -220,13 +220,20 @@ class ForwardContext:
     self.moments[f"{prefix}/variance"] = average(var)
 
 
-def _head(features: tf.Tensor, params: dict) -> tf.Tensor:
+def head(features: tf.Tensor, params: dict) -> tf.Tensor:
+  """The linear output layer on body features ``[B, n, d]``."""
   return tf.einsum("bnd,bdk->bnk", features, params["out/kernel"]) + params["out/bias"][:, None, :]
 
 
 def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
           ctx: ForwardContext | None = None) -> tf.Tensor:
   """Outputs ``[B, n, num_outputs]`` for inputs ``[B, n, *input_shape]`` and params ``[B, ...]``."""
+  return head(features(cfg, params, x, ctx), params)
+
+
+def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
+             ctx: ForwardContext | None = None) -> tf.Tensor:
+  """The body's output ``[B, n, d]``: what the head sees."""
   ctx = ctx or ForwardContext()
   B, n = x.shape[0], x.shape[1]
   if cfg.kind == "mlp":
@@ -237,7 +244,7 @@ def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
       g = tf.reshape(tf.transpose(h, [1, 0, 2]), [n, B * width])  # grouped layout [n, B*C]
       g = tf.nn.relu(_normalize(cfg, g, params, f"dense{i}", B, ctx))
       h = tf.transpose(tf.reshape(g, [n, B, width]), [1, 0, 2])
-    return _head(h, params)
+    return h
   H, W, C = cfg.input_shape
   h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [n, H, W, B * C])
   for i in range(4):
@@ -252,7 +259,5 @@ def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
   side_h, side_w = h.shape[1], h.shape[2]
   h = tf.reshape(h, [n, side_h, side_w, B, cfg.num_filters])
   if cfg.features == "mean":
-    features = tf.transpose(tf.reduce_mean(h, axis=[1, 2]), [1, 0, 2])
-  else:
-    features = tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, n, -1])
-  return _head(features, params)
+    return tf.transpose(tf.reduce_mean(h, axis=[1, 2]), [1, 0, 2])
+  return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, n, -1])

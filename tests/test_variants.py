@@ -385,13 +385,13 @@ def test_anil_features_computed_once_give_the_same_meta_gradient(monkeypatch):
   cfg = models.ModelConfig("conv4", (12, 12, 1), 3, num_filters=4, norm_scale=False)
   meta = maml.MetaConfig(3, 0.2, inner_adapt="head", loss_reduction="original")
   assert maml.body_is_fixed(cfg, meta)
-  params = as_tensors(models.init_params(cfg, 10), tf.float64)
-  batch = classification_batch(cfg, tasks=2, k=2, q=2, dtype=tf.float64)
+  params = as_tensors(models.init_params(cfg, 10))  # float32: fused batch norm
+  batch = classification_batch(cfg, tasks=2, k=2, q=2)
   cached, _ = maml.meta_gradients(cfg, meta, params, None, batch, 2)
   cached_eval = maml.evaluate(cfg, meta, params, None, batch, steps=4)
   monkeypatch.setattr(maml, "body_is_fixed", lambda *_: False)  # the generic path
   generic, _ = maml.meta_gradients(cfg, meta, params, None, batch, 2)
-  grads_close(cached, generic, params, rtol=1e-9, atol=1e-12)
+  grads_close(cached, generic, params, rtol=1e-4, atol=1e-6)
   for a, b in zip(cached_eval, maml.evaluate(cfg, meta, params, None, batch, steps=4)):
-    np.testing.assert_allclose(a, b, rtol=1e-10)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
   assert float(tf.reduce_sum(tf.abs(cached["conv0/kernel"]))) > 0  # the body is meta-learned

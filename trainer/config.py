@@ -131,7 +131,8 @@ flags.DEFINE_integer("val_episodes", 300, "Validation episodes each time.", lowe
 flags.DEFINE_integer("eval_episodes", 600, "Meta-test episodes.", lower_bound=1)
 flags.DEFINE_string("eval_split", "test", "Split to meta-test on.")
 flags.DEFINE_enum("eval_checkpoint", "best", ["best", "latest"], "Checkpoint to meta-test: "
-                  "best by validation, or the latest (the original code's choice).")
+                  "best by validation, or the latest (the original code's choice; writes "
+                  "eval_<split>_latest.json).")
 flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every this many steps.", lower_bound=1)
 flags.DEFINE_integer("log_every", 100, "Write training metrics every this many steps.",
                      lower_bound=1)

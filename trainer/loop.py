@@ -198,8 +198,10 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   summary = run_evaluation(learner, task, cfg.eval_split, cfg.eval_episodes)
   summary["checkpoint"] = chosen
   if distribute.is_chief(learner.strategy):
-    suffix = "_running" if getattr(learner, "eval_running_stats", False) else ""
-    summary["norm_stats"] = "running" if suffix else "batch"
+    running = getattr(learner, "eval_running_stats", False)
+    summary["norm_stats"] = "running" if running else "batch"
+    summary["checkpoint_choice"] = cfg.eval_checkpoint
+    suffix = ("_latest" if cfg.eval_checkpoint == "latest" else "") + ("_running" if running else "")
     evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{suffix}.json", summary)
   return summary
 

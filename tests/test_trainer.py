@@ -196,6 +196,15 @@ def test_sinusoid_adaptation_lowers_the_test_mse_and_writes_the_eval_json(tmp_pa
   assert any("val/mse" in l for l in lines) and any("train/steps_per_s" in l for l in lines)
   assert json.loads((run / "best.json").read_text())["metric"] == "mse"
   assert list((run / "tb").iterdir())
+  assert any("val/mse_after_5_steps" in l for l in lines)  # every inner step is logged
+  assert report["checkpoint"].endswith(f"ckpt-{json.loads((run / 'best.json').read_text())['step']}")
+  latest = trainer(*SINUSOID, "--num_iterations=1500", "--eval_inner_steps=5",
+                   "--eval_episodes=200", "--mode=eval", "--eval_checkpoint=latest",
+                   f"--model_dir={run}")
+  assert latest.returncode == 0, latest.stderr[-2000:]
+  other = json.loads((run / "eval_test_latest.json").read_text())
+  assert other["checkpoint"].endswith("ckpt/ckpt-1500") and other["checkpoint_choice"] == "latest"
+  assert json.loads((run / "eval_test.json").read_text()) == report  # the best's report kept
 
 
 def test_short_omniglot_training_is_far_above_chance_on_test_classes(tmp_path, omniglot_records):

@@ -52,13 +52,17 @@ class MetaLearner:
       self.stats = {k: tf.Variable(v, name=f"stats/{k}", trainable=False,
                                    aggregation=optim.ONLY_FIRST)
                     for k, v in models.init_stats(model).items()}
-    # Derivative-order annealing needs both orders; each is compiled once, when first used.
+    # One compiled meta-gradient per training phase: derivative-order annealing needs both
+    # orders, and the multi-step loss is dropped (not just weighted zero) once it has annealed
+    # away, so later steps pay nothing for it. Each is traced when first used.
     orders = {meta.first_order}
     if meta.first_order_iterations and not meta.first_order:
       orders.add(True)
-    self._grads = {order: tf.function(
+    msl = {False, True} if meta.msl_iterations else {False}
+    self._grads = {(order, m): tf.function(
         functools.partial(maml.meta_gradients, model, meta, global_batch=meta_batch_size,
-                          first_order=order), jit_compile=jit_compile) for order in orders}
+                          first_order=order, multi_step_loss=m), jit_compile=jit_compile)
+        for order in orders for m in msl}
     self._evaluate = tf.function(
         functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps),
         jit_compile=jit_compile)
@@ -77,14 +81,23 @@ class MetaLearner:
     return params, lrs
 
   def _meta_gradients(self, params, lrs, inputs):
-    """The meta-gradient of this iteration, of the order derivative-order annealing asks for."""
+    """The meta-gradient of this iteration, in the phase (order, multi-step loss) it is in."""
     iteration = tf.identity(self.step)
-    if len(self._grads) == 1:
-      (grads,) = self._grads.values()
-      return grads(params, lrs, inputs, iteration=iteration)
-    return tf.cond(iteration < self.meta.first_order_iterations,
-                   lambda: self._grads[True](params, lrs, inputs, iteration=iteration),
-                   lambda: self._grads[False](params, lrs, inputs, iteration=iteration))
+
+    def run(order, msl):
+      return self._grads[(order, msl)](params, lrs, inputs, iteration=iteration)
+
+    def by_msl(order):
+      if (order, True) not in self._grads:
+        return run(order, False)
+      return tf.cond(iteration < self.meta.msl_iterations, lambda: run(order, True),
+                     lambda: run(order, False))
+
+    orders = {order for order, _ in self._grads}
+    if len(orders) == 1:
+      return by_msl(orders.pop())
+    return tf.cond(iteration < self.meta.first_order_iterations, lambda: by_msl(True),
+                   lambda: by_msl(False))
 
   @staticmethod
   def _inputs(batch, per_replica: int) -> dict:

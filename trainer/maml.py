@@ -231,18 +231,19 @@ def stack_moments(cfg: models.ModelConfig, moments: dict) -> dict:
 
 
 def meta_gradients(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_batch: int,
-                   *, first_order: bool | None = None, iteration: tf.Tensor | None = None):
+                   *, first_order: bool | None = None, iteration: tf.Tensor | None = None,
+                   multi_step_loss: bool = True):
   """Gradients of :func:`meta_loss` w.r.t. params (and rates when learned), plus metric sums.
 
-  ``iteration`` (the meta-step about to be taken) sets the MSL weights; with running
-  statistics, the sums also hold this step's batch moments (``moments/<layer>/<stat>``,
-  averaged over the replica's tasks).
+  ``iteration`` (the meta-step about to be taken) sets the MSL weights; ``multi_step_loss=False``
+  skips MSL (what its weights reduce to once annealed). With running statistics, the sums also
+  hold this step's batch moments (``moments/<layer>/<stat>``, averaged over the replica's tasks).
   """
   watched = dict(params)
   if lrs:
     watched.update({f"lr/{k}": v for k, v in lrs.items()})
   step_weights = None
-  if meta.msl_iterations:
+  if meta.msl_iterations and multi_step_loss:
     step_weights = msl_weights(meta, 0 if iteration is None else iteration)
   moments = {} if cfg.stat_slots else None
   with tf.GradientTape() as tape:

@@ -30,18 +30,25 @@ class TaskEnv:
 class Navigation2D(TaskEnv, gym.Env):
   """Point agent from the origin to a goal drawn uniformly in the unit square [-0.5, 0.5]^2.
 
-  Observation: position. Action: velocity, clipped to [-0.1, 0.1]. Reward: minus the distance
+  Observation: position. Action: a velocity command in [-1, 1]^2, scaled to [-0.1, 0.1] and
+  clipped, as rllab's ``normalize`` wrapper does in the original code (``raw_actions=True``: the
+  action is the velocity itself, clipped to [-0.1, 0.1]; a unit-variance Gaussian policy then
+  saturates the clip and its noise stops reaching the trajectory). Reward: minus the distance
   to the goal after the move (``reward="distance"``, the original code's point environment,
   which produced the paper's Table 4), or minus its square (``"squared"``, as the paper's text
   says). Done within 0.01 of the goal (each coordinate); the horizon (100) is the sampler's.
   """
 
-  def __init__(self, task: dict | None = None, reward: str = "distance"):
+  SPEED = 0.1
+
+  def __init__(self, task: dict | None = None, reward: str = "distance",
+               raw_actions: bool = False):
     if reward not in ("distance", "squared"):
       raise ValueError(f"2DNavigation reward={reward!r}: must be distance or squared")
-    self.reward = reward
+    self.reward, self.raw_actions = reward, raw_actions
     self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
-    self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
+    bound = self.SPEED if raw_actions else 1.0
+    self.action_space = spaces.Box(-bound, bound, (2,), np.float32)
     self._goal = np.zeros(2)
     self._state = np.zeros(2)
     if task:
@@ -59,7 +66,8 @@ class Navigation2D(TaskEnv, gym.Env):
     return self._state.astype(np.float32), {}
 
   def step(self, action):
-    action = np.clip(action, -0.1, 0.1)
+    scale = 1.0 if self.raw_actions else self.SPEED
+    action = np.clip(np.asarray(action, np.float64) * scale, -self.SPEED, self.SPEED)
     self._state = self._state + action
     delta = self._state - self._goal
     squared = float(np.sum(delta ** 2))
@@ -177,6 +185,12 @@ def _locomotion(base_name: str, key: str, sample, progress, reward, **base_kwarg
 
       def reset_task(self, task):
         self._value = np.asarray(task[key], np.float64)
+
+      def step(self, action):
+        # rllab's normalize wrapper (the original code) clips to the action box before the
+        # environment sees the action, so the control cost is paid on the clipped action.
+        space = self.action_space
+        return base.step(self, np.clip(action, space.low, space.high))
 
       def _get_rew(self, x_velocity, action):
         return reward(self, progress(self, x_velocity, self._value), action)

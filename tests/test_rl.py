@@ -28,20 +28,26 @@ def test_navigation_reward_clipping_termination_and_goals():
   env.reset_task({"goal": [0.05, -0.15]})
   obs, _ = env.reset(seed=0)
   np.testing.assert_array_equal(obs, [0, 0])
-  obs, reward, done, _, _ = env.step(np.array([1.0, -0.05]))  # x clipped to 0.1
+  # Actions in [-1, 1] are scaled to [-0.1, 0.1] and clipped (rllab's normalize wrapper).
+  obs, reward, done, _, _ = env.step(np.array([3.0, -0.5]))  # x: 0.3, clipped to 0.1
   np.testing.assert_allclose(obs, [0.1, -0.05])
   # Minus the distance, as the original code's point environment (Table 4's numbers).
   assert reward == pytest.approx(-np.hypot(0.1 - 0.05, -0.05 + 0.15))
   assert not done
-  _, reward, done, _, _ = env.step(np.array([-0.05, -0.095]))  # now 0.005 from the goal
+  _, reward, done, _, _ = env.step(np.array([-0.5, -0.95]))  # now 0.005 from the goal
   assert done and reward == pytest.approx(-0.005, abs=1e-12)
+  raw = envs.Navigation2D(raw_actions=True)
+  raw.reset_task({"goal": [0.05, -0.15]})
+  raw.reset(seed=0)
+  np.testing.assert_allclose(raw.action_space.high, [0.1, 0.1])
+  np.testing.assert_allclose(raw.step(np.array([1.0, -0.05]))[0], [0.1, -0.05])
 
 
 def test_navigation_squared_reward_is_an_option_of_the_registered_id():
   env = gym.make("maml/2DNavigation-v0", reward="squared").unwrapped
   env.reset_task({"goal": [0.05, -0.15]})
   env.reset(seed=0)
-  _, reward, _, _, _ = env.step(np.array([0.1, -0.05]))
+  _, reward, _, _, _ = env.step(np.array([1.0, -0.5]))
   assert reward == pytest.approx(-((0.1 - 0.05) ** 2 + (-0.05 + 0.15) ** 2))
   with pytest.raises(ValueError, match="reward='cubed'"):
     envs.make("2DNavigation-v0", reward="cubed")
@@ -135,7 +141,7 @@ def test_task_families_are_registered_with_gymnasium():
 
 def goal_seeking(obs, rng):
   del rng
-  return np.clip(np.array([0.3, 0.3]) - obs, -0.1, 0.1)
+  return np.clip(np.array([0.3, 0.3]) - obs, -0.1, 0.1) * 10  # commands in [-1, 1]
 
 
 def test_sampler_masks_episodes_that_end_early():

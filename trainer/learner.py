@@ -52,9 +52,9 @@ class MetaLearner:
       self.stats = {k: tf.Variable(v, name=f"stats/{k}", trainable=False,
                                    aggregation=optim.ONLY_FIRST)
                     for k, v in models.init_stats(model).items()}
-    # One compiled meta-gradient per training phase: derivative-order annealing needs both
-    # orders, and the multi-step loss is dropped (not just weighted zero) once it has annealed
-    # away, so later steps pay nothing for it. Each is traced when first used.
+    # One compiled meta-gradient per training phase (see train_loop): derivative-order
+    # annealing needs both orders, and the multi-step loss is dropped (not just weighted zero)
+    # once it has annealed away, so later steps pay nothing for it. Each is traced when used.
     orders = {meta.first_order}
     if meta.first_order_iterations and not meta.first_order:
       orders.add(True)
@@ -80,35 +80,22 @@ class MetaLearner:
     lrs = {k: tf.identity(v) for k, v in self.inner_lrs.items()} if self.inner_lrs else None
     return params, lrs
 
-  def _meta_gradients(self, params, lrs, inputs):
-    """The meta-gradient of this iteration, in the phase (order, multi-step loss) it is in."""
-    iteration = tf.identity(self.step)
-
-    def run(order, msl):
-      return self._grads[(order, msl)](params, lrs, inputs, iteration=iteration)
-
-    def by_msl(order):
-      if (order, True) not in self._grads:
-        return run(order, False)
-      return tf.cond(iteration < self.meta.msl_iterations, lambda: run(order, True),
-                     lambda: run(order, False))
-
-    orders = {order for order, _ in self._grads}
-    if len(orders) == 1:
-      return by_msl(orders.pop())
-    return tf.cond(iteration < self.meta.first_order_iterations, lambda: by_msl(True),
-                   lambda: by_msl(False))
-
   @staticmethod
   def _inputs(batch, per_replica: int) -> dict:
     """The learner's four tensors with a static task axis (MultiWorker's iterators drop it)."""
     return {k: tf.ensure_shape(batch[k], [per_replica] + batch[k].shape[1:])
             for k in ("support_x", "support_y", "query_x", "query_y")}
 
-  def _replica_train_step(self, batch):
+  def _phase(self, step: int) -> tuple[bool, bool]:
+    """(first order, multi-step loss) of the meta-step taken at ``step``."""
+    meta = self.meta
+    return (meta.first_order or step < meta.first_order_iterations,
+            bool(meta.msl_iterations) and step < meta.msl_iterations)
+
+  def _replica_train_step(self, batch, phase):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._train_per_replica)
-    grads, sums = self._meta_gradients(params, lrs, inputs)
+    grads, sums = self._grads[phase](params, lrs, inputs, iteration=tf.identity(self.step))
     ctx = tf.distribute.get_replica_context()
     grads, sums = ctx.all_reduce(SUM, (grads, sums))
     for k, var in self.stats.items():
@@ -118,12 +105,30 @@ class MetaLearner:
     self.optimizer.apply(self.trainables, grads)
     return sums
 
+  def train_loop(self, iterator, num_steps) -> dict:
+    """``num_steps`` meta-steps; returns metric means over them.
+
+    The steps run in one compiled loop per training phase: a loop that would cross a phase
+    boundary (derivative-order annealing, the end of the multi-step loss) is split there on
+    the host, so each phase's graph is static (no ``tf.cond`` between compiled functions).
+    """
+    step = int(self.step.numpy())
+    end = step + int(num_steps)
+    bounds = [b for b in (self.meta.first_order_iterations, self.meta.msl_iterations) if b]
+    totals = {k: 0.0 for k in METRIC_KEYS}
+    while step < end:
+      stop = min([end] + [b for b in bounds if b > step])
+      means = self._train_phase(iterator, tf.constant(stop - step), self._phase(step))
+      totals = {k: totals[k] + means[k] * (stop - step) for k in METRIC_KEYS}
+      step = stop
+    return {k: v / int(num_steps) for k, v in totals.items()}
+
   @tf.function
-  def train_loop(self, iterator, num_steps: tf.Tensor) -> dict:
-    """``num_steps`` meta-steps in one graph; returns metric means over them."""
+  def _train_phase(self, iterator, num_steps: tf.Tensor, phase: tuple[bool, bool]) -> dict:
     totals = {k: tf.constant(0.0) for k in METRIC_KEYS}
     for _ in tf.range(num_steps):
-      sums = self.strategy.run(self._replica_train_step, (next(iterator),))
+      sums = self.strategy.run(functools.partial(self._replica_train_step, phase=phase),
+                               (next(iterator),))
       sums = self.strategy.experimental_local_results(sums)[0]  # identical after all-reduce
       totals = {k: totals[k] + sums[k] for k in METRIC_KEYS}
     scale = 1.0 / (tf.cast(num_steps, tf.float32) * self.meta_batch_size)

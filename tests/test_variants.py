@@ -342,10 +342,8 @@ def test_derivative_order_annealing_switches_at_the_given_iteration():
 
 
 def test_mamlpp_step_under_mirrored_equals_one_device():
-  import subprocess
-  import sys
   import textwrap
-  from test_trainer import REPO
+  from test_trainer import run_script
   script = textwrap.dedent("""
       import numpy as np, tensorflow as tf
       cpu = tf.config.list_physical_devices("CPU")[0]
@@ -376,8 +374,7 @@ def test_mamlpp_step_under_mirrored_equals_one_device():
       assert np.abs(p1["stats/dense0/mean"]).max() > 0
       print("OK")
   """)
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+  result = run_script(script)
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 

@@ -82,8 +82,7 @@ def loss_scale(cfg: models.ModelConfig, meta: MetaConfig, n_examples: int,
   """Factor from a task's mean loss to the loss differentiated (see ``loss_reduction``)."""
   if meta.loss_reduction == "mean" or meta.loss != "softmax":
     return 1.0
-  shots = n_support / cfg.num_outputs
-  return n_examples / shots
+  return n_examples * cfg.num_outputs / n_support  # n_examples / K
 
 
 def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.Tensor,
@@ -140,7 +139,7 @@ def step_rates(meta: MetaConfig, params: dict, lrs: dict | None, step: int) -> d
 def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
                  ctx: models.ForwardContext | None = None):
   """One adaptation step of every task; returns (new fast params, support loss, metric)."""
-  scale = loss_scale(cfg, meta, x.shape[1], x.shape[1])
+  scale = loss_scale(cfg, meta, 1, 1)  # the support set itself: N, whatever its size
   with tf.GradientTape() as tape:
     watched = {k: fast[k] for k in rates}
     tape.watch(list(watched.values()))
@@ -281,3 +280,26 @@ def evaluate(cfg, meta, params: dict, lrs: dict | None, batch: dict, steps: int,
                                 ctx=ctx)
   return tf.stack(losses), tf.stack(metrics)
 
+
+
+def adapt(cfg, meta, params: dict, lrs: dict | None, support_x: tf.Tensor,
+          support_y: tf.Tensor, steps: int, stats: dict | None = None) -> dict:
+  """Each task's parameters after ``steps`` inner updates on its support set (``[B, ...]``).
+
+  Test-time adaptation, as :func:`evaluate` does it, for callers that predict afterwards
+  (:mod:`trainer.export`). The example count may be dynamic.
+  """
+  fast = tile(params, support_x.shape[0])
+  if body_is_fixed(cfg, meta):
+    support_x = models.features(cfg, fast, support_x, models.ForwardContext(stats=stats))
+  for step in range(steps):
+    fast, _, _ = inner_update(cfg, meta, fast, step_rates(meta, params, lrs, step), support_x,
+                              support_y, first_order=True,
+                              ctx=models.ForwardContext(step=step, stats=stats))
+  return fast
+
+
+def adapted_logits(cfg, fast: dict, query_x: tf.Tensor, steps: int,
+                   stats: dict | None = None) -> tf.Tensor:
+  """Outputs ``[B, n, N]`` of parameters adapted by ``steps`` updates (per-step norm slot)."""
+  return models.apply(cfg, fast, query_x, models.ForwardContext(step=steps, stats=stats))

@@ -235,18 +235,18 @@ def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
              ctx: ForwardContext | None = None) -> tf.Tensor:
   """The body's output ``[B, n, d]``: what the head sees."""
   ctx = ctx or ForwardContext()
-  B, n = x.shape[0], x.shape[1]
+  B = x.shape[0]  # static; the example count n may be dynamic (exported models)
   if cfg.kind == "mlp":
-    h = tf.reshape(x, [B, n, -1])
+    h = tf.reshape(x, [B, -1, int(np.prod(cfg.input_shape))])
     for i in range(len(cfg.hidden_sizes)):
       h = tf.einsum("bnd,bdk->bnk", h, params[f"dense{i}/kernel"])
       width = h.shape[-1]
-      g = tf.reshape(tf.transpose(h, [1, 0, 2]), [n, B * width])  # grouped layout [n, B*C]
+      g = tf.reshape(tf.transpose(h, [1, 0, 2]), [-1, B * width])  # grouped layout [n, B*C]
       g = tf.nn.relu(_normalize(cfg, g, params, f"dense{i}", B, ctx))
-      h = tf.transpose(tf.reshape(g, [n, B, width]), [1, 0, 2])
+      h = tf.transpose(tf.reshape(g, [-1, B, width]), [1, 0, 2])
     return h
   H, W, C = cfg.input_shape
-  h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [n, H, W, B * C])
+  h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, H, W, B * C])
   for i in range(4):
     kernel = params[f"conv{i}/kernel"]  # [B, 3, 3, cin, cout]
     cin, cout = kernel.shape[3], kernel.shape[4]
@@ -257,7 +257,7 @@ def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
     if cfg.downsample == "maxpool":
       h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")
   side_h, side_w = h.shape[1], h.shape[2]
-  h = tf.reshape(h, [n, side_h, side_w, B, cfg.num_filters])
+  h = tf.reshape(h, [-1, side_h, side_w, B, cfg.num_filters])
   if cfg.features == "mean":
     return tf.transpose(tf.reduce_mean(h, axis=[1, 2]), [1, 0, 2])
-  return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, n, -1])
+  return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, -1, side_h * side_w * cfg.num_filters])

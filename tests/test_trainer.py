@@ -63,6 +63,14 @@ def test_records_of_another_dataset_are_refused(tmp_path, mini_records):
   assert result.returncode == 1 and "holds 'miniimagenet' records" in result.stderr
 
 
+def test_model_dir_defaults_to_runs_named_after_the_last_flagfile():
+  from trainer import config
+  argv = ["main", "--flagfile=configs/demo.cfg", "--flagfile", "configs/mini_5w1s.cfg"]
+  assert config.flagfile_of(argv) == "configs/mini_5w1s.cfg"
+  assert config.default_model_dir(config.flagfile_of(argv)) == REPO / "runs" / "mini_5w1s"
+  assert config.default_model_dir(config.flagfile_of(["main"])) == REPO / "runs" / "default"
+
+
 def test_every_paper_config_parses_and_documents_itself():
   configs = sorted((REPO / "configs").glob("*.cfg"))
   assert {c.stem for c in configs} >= {

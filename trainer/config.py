@@ -8,6 +8,9 @@ dataclasses built here, so tests and other entry points never touch absl.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from absl import flags
@@ -172,6 +175,17 @@ def default_model_dir(flagfile: str | None) -> Path:
   return paths.REPO_ROOT / "runs" / name
 
 
+def flagfile_of(argv: list[str]) -> str | None:
+  """The last ``--flagfile`` on a command line (absl reads it but keeps no flag for it)."""
+  found = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--flagfile="):
+      found = arg.split("=", 1)[1]
+    elif arg == "--flagfile" and i + 1 < len(argv):
+      found = argv[i + 1]
+  return found
+
+
 def model_config(image_shape: tuple, n_way: int) -> models.ModelConfig:
   slots = FLAGS.inner_steps + 1  # forward passes after 0..S inner updates
   common = dict(hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes), norm=FLAGS.norm,
@@ -202,9 +216,67 @@ def adam_config() -> optim.AdamConfig:
 
 def run_config() -> RunConfig:
   return RunConfig(
-      model_dir=Path(FLAGS.model_dir) if FLAGS.model_dir else default_model_dir(FLAGS.flagfile),
+      model_dir=(Path(FLAGS.model_dir) if FLAGS.model_dir
+                 else default_model_dir(flagfile_of(sys.argv))),
       mode=FLAGS.mode, num_iterations=FLAGS.num_iterations, eval_every=FLAGS.eval_every,
       val_episodes=FLAGS.val_episodes, eval_episodes=FLAGS.eval_episodes,
       eval_split=FLAGS.eval_split, eval_checkpoint=FLAGS.eval_checkpoint,
       checkpoint_every=FLAGS.checkpoint_every,
       log_every=FLAGS.log_every, steps_per_loop=FLAGS.steps_per_loop, seed=FLAGS.seed)
+
+
+RUN_RECORD = "config.json"
+RUN_RECORD_VERSION = 1
+
+
+def code_version() -> str:
+  """The git commit of the running code (``+dirty`` when edited), else the package version."""
+  try:
+    commit = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "rev-parse", "HEAD"],
+                            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+                           check=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    try:
+      return metadata.version("maml-tf2")
+    except metadata.PackageNotFoundError:
+      return "unknown"
+
+
+def run_record(model: models.ModelConfig | None = None, meta: maml.MetaConfig | None = None,
+               manifest: dict | None = None) -> dict:
+  """What defines a run, written once to ``<model_dir>/config.json``.
+
+  Besides every flag's value, the resolved model and meta-learning configs and the records'
+  image spec: enough for :mod:`trainer.export` to rebuild the model without the flags.
+  """
+  this_module = sys.modules[__name__]
+  record = {
+      "schema_version": RUN_RECORD_VERSION,
+      "code_version": code_version(),
+      "dataset": FLAGS.dataset,
+      "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(this_module)},
+      "eval_inner_steps": FLAGS.eval_inner_steps or FLAGS.inner_steps,
+  }
+  if model is not None:
+    record["model"] = dataclasses.asdict(model)
+  if meta is not None:
+    record["meta"] = dataclasses.asdict(meta)
+  if manifest is not None:
+    build = manifest.get("build", {})
+    record["records"] = {
+        "dataset": manifest["dataset"],
+        "image_shape": list(manifest["image_shape"]),
+        "pixel_values": manifest.get("pixel_values", ""),
+        **{k: build[k] for k in ("image_size", "channels", "invert", "resample") if k in build}}
+  return record
+
+
+def model_from_record(record: dict) -> tuple[models.ModelConfig, maml.MetaConfig]:
+  """The configs :func:`run_record` stored (JSON lists back to tuples)."""
+  model = dict(record["model"])
+  model["input_shape"] = tuple(model["input_shape"])
+  model["hidden_sizes"] = tuple(model["hidden_sizes"])
+  return models.ModelConfig(**model), maml.MetaConfig(**record["meta"])

@@ -18,7 +18,7 @@ from absl import logging
 from tqdm import tqdm
 
 from pipeline import streams
-from trainer import distribute, evaluation
+from trainer import config, distribute, evaluation
 from trainer.config import RunConfig
 
 
@@ -105,11 +105,18 @@ def _checkpoint_dirs(cfg: RunConfig, chief: bool, strategy) -> tuple[Path, Path]
   return scratch / "ckpt", scratch / "best"
 
 
-def train(learner, task, cfg: RunConfig) -> dict:
-  """Trains to ``cfg.num_iterations`` (resuming from ``model_dir``); returns a status dict."""
+def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
+  """Trains to ``cfg.num_iterations`` (resuming from ``model_dir``); returns a status dict.
+
+  ``record`` (what defines the run, see :func:`trainer.config.run_record`) is written to
+  ``<model_dir>/config.json`` when the run has none yet.
+  """
   strategy = learner.strategy
   chief = distribute.is_chief(strategy)
   cfg.model_dir.mkdir(parents=True, exist_ok=True)
+  record_path = cfg.model_dir / config.RUN_RECORD
+  if record is not None and chief and not record_path.exists():
+    evaluation.write_json(record_path, record)
   checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
   ckpt_dir, best_dir = _checkpoint_dirs(cfg, chief, strategy)
   manager = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=3)

@@ -79,12 +79,15 @@ def main(argv):
     else:
       task, meta_learner, jit = build_supervised(strategy)
     run_cfg = config.run_config()
+    record = config.run_record(getattr(meta_learner, "model", None),
+                               getattr(meta_learner, "meta", None),
+                               getattr(task, "manifest", None))
   except (DataError, ValueError) as e:
     print(f"trainer: error: {e}", file=sys.stderr)
     return 1
   logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync, jit)
-  return execute(task, meta_learner, run_cfg)
+  return execute(task, meta_learner, run_cfg, record)
 
 
 def build_supervised(strategy):
@@ -106,11 +109,11 @@ def build_supervised(strategy):
   return task, meta_learner, jit
 
 
-def execute(task, meta_learner, run_cfg) -> int:
+def execute(task, meta_learner, run_cfg, record: dict | None = None) -> int:
   """Train and/or meta-test, as --mode says; the same for supervised and RL learners."""
   if run_cfg.mode in ("train", "train_eval"):
     try:
-      result = loop.train(meta_learner, task, run_cfg)
+      result = loop.train(meta_learner, task, run_cfg, record)
     except loop.TrainingDiverged as e:
       print(f"trainer: error: {e}", file=sys.stderr)
       return 2

@@ -11,6 +11,7 @@ images in the graph instead, for splits whose decoded pixels would not fit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -70,6 +71,38 @@ def read_manifest(records_dir: str | os.PathLike) -> dict:
 
 
 _CACHE: dict[tuple, ClassIndexedImages] = {}
+
+
+def verify_split(records_dir: str | os.PathLike, split: str, *, sha256: bool = False) -> None:
+  """Checks a split's shards against the manifest before a run relies on them: each file is
+  there and reads to its recorded number of records (a truncated shard fails here, named);
+  with ``sha256``, its bytes hash to the recorded digest."""
+  records_dir = Path(records_dir)
+  manifest = read_manifest(records_dir)
+  if split not in manifest["splits"]:
+    raise DataError(f"{records_dir / records.MANIFEST_NAME}: no split {split!r} "
+                    f"(has {', '.join(manifest['splits'])})")
+  for shard in manifest["splits"][split]["shards"]:
+    path = records_dir / shard["file"]
+    if not path.is_file():
+      raise DataError(f"{path}: shard of split {split!r} listed in the manifest is missing")
+    if sha256:
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+      if digest.hexdigest() != shard["sha256"]:
+        raise DataError(f"{path}: SHA-256 differs from the manifest's (the file changed or is "
+                        f"corrupt); rebuild the records")
+    try:
+      count = int(tf.data.TFRecordDataset(str(path)).reduce(
+          np.int64(0), lambda n, _: n + 1).numpy())
+    except tf.errors.OpError as e:
+      raise DataError(f"{path}: truncated or corrupt ({e.message.splitlines()[0]}); rebuild "
+                      f"the records") from None
+    if count != shard["num_records"]:
+      raise DataError(f"{path}: {count} records, the manifest says {shard['num_records']}; "
+                      f"rebuild the records")
 
 
 def load_split(records_dir: str | os.PathLike, split: str, *,

@@ -18,6 +18,7 @@ class MetaRLTask:
   metric = "return"
   loss = "surrogate"
   higher_is_better = True
+  splits = ("val", "test")  # held-out task streams (any name would hash to one: refuse typos)
   host_side = True  # batches are task lists for the host-side sampler, not tf.data
 
   def _tasks(self, *key) -> tuple[list[dict], int]:

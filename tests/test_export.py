@@ -72,7 +72,7 @@ def one_error_line(stderr: str, prefix: str) -> bool:
 
 def trainer_meta_test(model_dir: Path, records: Path):
   """The trainer's own meta-test of EPISODES test episodes: (episodes, losses, accuracies)."""
-  record = json.loads((model_dir / config.RUN_RECORD).read_text())
+  record = json.loads((model_dir / guard.RUN_RECORD).read_text())
   model, meta = config.model_from_record(record)
   flags = record["flags"]
   task = tasks.FewShotClassification(records, model.num_outputs, flags["k_shot"],

@@ -67,7 +67,7 @@ def main(argv):
         rotations=FLAGS.rotations, split_scheme=FLAGS.split, resample=FLAGS.resample,
         images_per_shard=FLAGS.images_per_shard, overwrite=FLAGS.overwrite,
         skip_corrupt=FLAGS.skip_corrupt, beam_args=beam_args)
-  except DataError as e:
+  except (DataError, OSError) as e:  # OSError's text names the path (permissions, full disk)
     print(f"build_tfrecords: error: {e}", file=sys.stderr)
     return 1
   summary = {s: {"num_classes": v["num_classes"], "num_images": v["num_images"],

@@ -150,6 +150,10 @@ flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES),
                   "auto: mirrored over several GPUs, else one device. multi_worker reads "
                   "TF_CONFIG; tpu uses --tpu.")
 flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu.")
+flags.DEFINE_boolean("verify_records", False, "At start-up, also check every shard the run "
+                     "reads against the manifest's SHA-256 (files and record counts are always "
+                     "checked).")
+flags.DEFINE_boolean("debug", False, "Show Python tracebacks instead of one-line errors.")
 flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism (bitwise-reproducible "
                      "runs and resumes; slower on GPU).")
 
@@ -225,7 +229,6 @@ def run_config() -> RunConfig:
       log_every=FLAGS.log_every, steps_per_loop=FLAGS.steps_per_loop, seed=FLAGS.seed)
 
 
-RUN_RECORD = "config.json"
 RUN_RECORD_VERSION = 1
 
 

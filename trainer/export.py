@@ -38,6 +38,7 @@ from absl import app, flags  # noqa: E402
 
 from pipeline.errors import DataError  # noqa: E402
 from trainer import config, evaluation, maml, models  # noqa: E402
+from trainer import model_dir as guard  # noqa: E402
 
 FLAGS = flags.FLAGS
 EXPORT_FORMAT = "maml-tf2 adapt-and-predict"
@@ -62,14 +63,14 @@ class ExportError(ValueError):
 
 def load_run_record(model_dir: Path, from_flags: bool) -> dict:
   """``<model_dir>/config.json``; for runs older than it, the trainer's flags (a flagfile)."""
-  path = model_dir / config.RUN_RECORD
+  path = model_dir / guard.RUN_RECORD
   if path.exists():
     try:
       return json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise ExportError(f"{path}: not valid JSON ({e})") from None
   if not from_flags:
-    raise ExportError(f"--model_dir={model_dir} has no {config.RUN_RECORD} (runs started before "
+    raise ExportError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started before "
                       f"the trainer wrote one); pass the flags it was trained with, e.g. "
                       f"--flagfile=configs/<name>.cfg --data_dir=<records>")
   from trainer import main as trainer_main  # the trainer's own resolution of its flags
@@ -248,7 +249,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, checkpoin
     raise ExportError(f"--output={output} already exists; pass --overwrite to replace it")
   record = load_run_record(model_dir, from_flags)
   if "model" not in record or "records" not in record:
-    raise ExportError(f"{model_dir / config.RUN_RECORD}: not an image classifier's run "
+    raise ExportError(f"{model_dir / guard.RUN_RECORD}: not an image classifier's run "
                       f"(dataset {record.get('dataset')!r}); only those can be exported")
   model, meta = config.model_from_record(record)
   norm_stats = norm_stats or record["flags"].get("eval_norm_stats", "batch")

@@ -18,7 +18,8 @@ from absl import logging
 from tqdm import tqdm
 
 from pipeline import streams
-from trainer import config, distribute, evaluation
+from trainer import distribute, evaluation
+from trainer import model_dir as guard
 from trainer.config import RunConfig
 
 
@@ -27,25 +28,34 @@ class TrainingDiverged(RuntimeError):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints at the next loop boundary and exits cleanly."""
+  """SIGTERM or Ctrl-C (SIGINT) set a flag; the loop checkpoints at the next loop boundary and
+  exits cleanly. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the signal received
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    if signum == signal.SIGINT and self.requested == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signum
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving at the end of this loop, then stopping (Ctrl-C again: stop now)",
+            file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 class _Logs:
@@ -114,17 +124,23 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
   strategy = learner.strategy
   chief = distribute.is_chief(strategy)
   cfg.model_dir.mkdir(parents=True, exist_ok=True)
-  record_path = cfg.model_dir / config.RUN_RECORD
-  if record is not None and chief and not record_path.exists():
-    evaluation.write_json(record_path, record)
+  if record is not None and chief:
+    guard.write_run_record(cfg.model_dir, record)
   checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
   ckpt_dir, best_dir = _checkpoint_dirs(cfg, chief, strategy)
+  restored = guard.restore_newest_intact(checkpoint, ckpt_dir)
+  if restored:
+    logging.info("resumed from %s", restored)
   manager = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=3)
   best_manager = tf.train.CheckpointManager(checkpoint, str(best_dir), max_to_keep=1)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("resumed from %s", manager.latest_checkpoint)
   step = int(learner.step.numpy())
+  if chief:
+    dropped = guard.trim_metrics(cfg.model_dir, step)
+    if dropped:
+      logging.warning("dropped %d metrics.jsonl line(s) written after step %d (the restored "
+                      "checkpoint)", dropped, step)
+    if (cfg.model_dir / "tb").exists():
+      guard.purge_tensorboard(cfg.model_dir / "tb", step)
   best_path = cfg.model_dir / "best.json"
   best = json.loads(best_path.read_text()) if best_path.exists() else None
   iterator = iter(_distributed(strategy, task, lambda s: task.train_dataset(s, step)))
@@ -141,11 +157,8 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
         start = time.perf_counter()
         means = {k: float(v) for k, v in learner.train_loop(iterator, tf.constant(n)).items()}
         elapsed = time.perf_counter() - start
-        if not all(math.isfinite(v) for v in means.values()):
-          raise TrainingDiverged(
-              f"non-finite training loss between steps {step} and {step + n} ({means}); "
-              f"stopped without saving: the last good checkpoint is "
-              f"{manager.latest_checkpoint or 'none (no checkpoint was written yet)'}")
+        if not (all(math.isfinite(v) for v in means.values()) and _finite(learner.checkpoint_items())):
+          raise TrainingDiverged(_diverged(step, n, means, ckpt_dir))
         step += n
         logs.bar.update(n)
         final = step == cfg.num_iterations
@@ -175,13 +188,35 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
           manager.save(checkpoint_number=step)
         if preemption.requested and not final:
           manager.save(checkpoint_number=step)
-          logging.warning("SIGTERM: saved step %d to %s; re-run the command to resume", step,
+          name = signal.Signals(preemption.requested).name
+          logging.warning("%s: saved step %d to %s; re-run the command to resume", name, step,
                           manager.latest_checkpoint)
-          status = "preempted"
+          status = "interrupted" if preemption.requested == signal.SIGINT else "preempted"
           break
   finally:
     logs.close()
   return {"status": status, "step": step, "best": best}
+
+
+def _finite(items: dict) -> bool:
+  """Whether every floating-point variable of a learner's checkpoint items is finite."""
+  return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in tf.nest.flatten(items)
+             if isinstance(v, tf.Variable) and v.dtype.is_floating)
+
+
+def _diverged(step: int, n: int, means: dict, ckpt_dir: Path) -> str:
+  """The divergence message; the checkpoint of ``step`` (if any) is set aside, since the steps
+  right after it diverged: its weights may already be exploding though finite."""
+  suspect = [p for p in guard.checkpoints(ckpt_dir) if p.endswith(f"-{step}")]
+  moved = ""
+  for prefix in suspect:
+    moved = (f"; the checkpoint of step {step}, right before, was moved to "
+             f"{guard.set_aside(ckpt_dir, prefix, 'diverged')}")
+  good = guard.checkpoints(ckpt_dir)
+  return (f"non-finite training loss or parameters between steps {step} and {step + n} "
+          f"({', '.join(f'{k}={v:.4g}' for k, v in means.items())}); stopped without saving"
+          f"{moved}; the last good checkpoint is "
+          f"{good[-1] if good else 'none left (the run must start over)'}")
 
 
 _STANDARD = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
@@ -199,9 +234,14 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   chosen = latest if cfg.eval_checkpoint == "latest" else (
       tf.train.latest_checkpoint(str(cfg.model_dir / "best")) or latest)
   if chosen is None:
-    raise FileNotFoundError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
+    raise guard.ModelDirError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
                             f"first (--mode=train or train_eval)")
-  checkpoint.restore(chosen).expect_partial()
+  try:
+    # Strict: the optimizer's slots too, so a checkpoint of another model is refused.
+    checkpoint.restore(chosen).assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    raise guard.ModelDirError(f"{chosen}: cannot be evaluated with these flags' model "
+                              f"({guard.first_line(e)})") from None
   summary = run_evaluation(learner, task, cfg.eval_split, cfg.eval_episodes)
   summary["checkpoint"] = chosen
   if distribute.is_chief(learner.strategy):

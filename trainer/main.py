@@ -5,6 +5,7 @@ Deliberately thin: flags -> config objects -> task, strategy and learner -> trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 from pipeline import paths  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 from trainer import config, distribute, evaluation, learner, loop, tasks  # noqa: E402
+from trainer import model_dir as guard  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -72,22 +74,62 @@ def main(argv):
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   try:
-    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    if FLAGS.dataset == "rl":
-      task, meta_learner = build_rl(strategy)
-      jit = False
-    else:
-      task, meta_learner, jit = build_supervised(strategy)
-    run_cfg = config.run_config()
-    record = config.run_record(getattr(meta_learner, "model", None),
-                               getattr(meta_learner, "meta", None),
-                               getattr(task, "manifest", None))
-  except (DataError, ValueError) as e:
-    print(f"trainer: error: {e}", file=sys.stderr)
+    return run()
+  except KeyboardInterrupt:
+    print("trainer: stopped by a second Ctrl-C, without saving", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if FLAGS.debug:
+      raise
+    # TensorFlow's warnings about half-used objects, logged while they are torn down after
+    # the error, would only bury the one line that says what went wrong.
+    logging.set_verbosity(logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
+    hint = "" if isinstance(e, DataError) else " (--debug shows the traceback)"
+    print(f"trainer: error: {one_line(e)}{hint}", file=sys.stderr)
     return 1
+
+
+def one_line(error: BaseException) -> str:
+  """An error as one line: ours name the file or flag; others get their type and first line."""
+  if isinstance(error, tf.errors.OpError):
+    text = error.message
+  else:
+    text = str(error)
+  first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+  if isinstance(error, (DataError, ValueError)) and first:
+    return first
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def run() -> int:
+  """Builds everything, checks the model_dir and the data, then trains and/or evaluates."""
+  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
+  if FLAGS.dataset == "rl":
+    task, meta_learner = build_rl(strategy)
+    jit = False
+  else:
+    task, meta_learner, jit = build_supervised(strategy)
+  run_cfg = config.run_config()
+  if run_cfg.eval_split not in task.splits:
+    raise DataError(f"--eval_split={run_cfg.eval_split}: not a split of this task "
+                    f"({', '.join(task.splits)})")
+  record = config.run_record(getattr(meta_learner, "model", None),
+                             getattr(meta_learner, "meta", None),
+                             getattr(task, "manifest", None))
+  guard.check_run_record(run_cfg.model_dir, record)
+  training = run_cfg.mode in ("train", "train_eval")
+  evaluating = run_cfg.mode in ("eval", "train_eval")
+  if hasattr(task, "check_data"):
+    needed = (["train", "val"] if training else []) + ([run_cfg.eval_split] if evaluating else [])
+    task.check_data(list(dict.fromkeys(needed)), sha256=FLAGS.verify_records)
   logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync, jit)
-  return execute(task, meta_learner, run_cfg, record)
+  # One process writes a model_dir at a time (under multi-worker, the chief writes it).
+  lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy)
+          else contextlib.nullcontext())
+  with lock:
+    return execute(task, meta_learner, run_cfg, record)
 
 
 def build_supervised(strategy):
@@ -97,7 +139,7 @@ def build_supervised(strategy):
     value = getattr(FLAGS, name) or FLAGS.meta_batch_size
     if value % replicas:
       raise DataError(f"--{name}={value} is not divisible by the {replicas} replicas")
-  model = config.model_config(task.image_shape, FLAGS.n_way)
+  model = config.model_config(getattr(task, "image_shape", None), FLAGS.n_way)
   jit = {"true": True, "false": False}.get(FLAGS.jit_compile,
                                            distribute.default_jit_compile(model.kind))
   meta_learner = learner.MetaLearner(
@@ -119,12 +161,10 @@ def execute(task, meta_learner, run_cfg, record: dict | None = None) -> int:
       return 2
     if result["status"] == "preempted":
       return 0
+    if result["status"] == "interrupted":
+      return 130
   if run_cfg.mode in ("eval", "train_eval"):
-    try:
-      summary = loop.evaluate(meta_learner, task, run_cfg)
-    except FileNotFoundError as e:
-      print(f"trainer: error: {e}", file=sys.stderr)
-      return 1
+    summary = loop.evaluate(meta_learner, task, run_cfg)
     print(evaluation.format_summary(summary), flush=True)
   return 0
 

@@ -55,6 +55,15 @@ class FewShotClassification:
                         f"{need}: class {smallest['name']} of split {split!r} has only "
                         f"{smallest['count']} images")
 
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self.manifest["splits"])
+
+  def check_data(self, splits: list[str], sha256: bool = False) -> None:
+    """Before the first step: the shards of ``splits`` are whole (and hash right)."""
+    for split in splits:
+      episodes.verify_split(self.data_dir, split, sha256=sha256)
+
   def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
     data = episodes.load_split(self.data_dir, "train")
     spec = episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query, self.meta_batch_size)
@@ -81,7 +90,7 @@ class SinusoidRegression:
   metric = "mse"
   loss = "mse"
   higher_is_better = False
-  image_shape = (1,)
+  splits = ("val", "test")  # two fixed task streams; training draws fresh tasks
 
   def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
     spec = sinusoid.SinusoidSpec(self.k_shot, self.k_query, self.meta_batch_size)

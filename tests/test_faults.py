@@ -1,0 +1,283 @@
+"""Faults a real run meets, each played end to end: what the trainer does, in one line.
+
+Changed settings on an existing model_dir, two runs on one model_dir, damaged records found at
+start-up, a corrupt newest checkpoint, Ctrl-C, logs past the restored step, divergence, a
+misspelled split, a builder that cannot write its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import FAST_BEAM, make_tiny_omniglot
+from pipeline import datasets
+
+REPO = Path(__file__).resolve().parents[1]
+SINUSOID = ["--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
+            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
+            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
+            "--eval_episodes=20"]
+
+
+def trainer(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=timeout)
+
+
+def error_line(stderr: str, prefix: str = "trainer: error:") -> str:
+  """The one error line; fails if there is a traceback or more than one error line."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.strip().splitlines() if line.startswith(prefix)]
+  assert len(lines) == 1 and stderr.strip().splitlines()[-1] == lines[0], stderr[-3000:]
+  return lines[0]
+
+
+def steps_logged(run: Path, key: str = "train/support_loss_pre") -> list[int]:
+  """Steps of the metrics.jsonl lines holding ``key`` (training lines by default)."""
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in rows if key in r]
+
+
+def checkpoint_step(run: Path) -> int:
+  path = tf.train.latest_checkpoint(str(run / "ckpt"))
+  return int(path.rsplit("-", 1)[1]) if path else -1
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory) -> Path:
+  run = tmp_path_factory.mktemp("faults") / "run"
+  result = trainer(*SINUSOID, "--num_iterations=30", "--checkpoint_every=10",
+                   f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return run
+
+
+# --- the model_dir remembers its settings ------------------------------------------------------
+
+
+def test_config_json_records_the_flags_and_resolved_model(sinusoid_run):
+  record = json.loads((sinusoid_run / "config.json").read_text())
+  assert record["flags"]["dataset"] == "sinusoid" and record["flags"]["k_shot"] == 5
+  assert record["model"]["kind"] == "mlp" and record["model"]["norm"] == "none"
+  assert record["meta"]["inner_lr"] == 0.01 and record["eval_inner_steps"] == 3
+  assert record["code_version"]
+
+
+def test_eval_with_a_changed_architecture_is_refused_and_keeps_the_report(sinusoid_run):
+  before = (sinusoid_run / "eval_test.json").read_text()
+  result = trainer(*SINUSOID, "--mode=eval", "--norm=layer_norm", "--hidden_sizes=40,41",
+                   f"--model_dir={sinusoid_run}")
+  assert result.returncode == 1
+  line = error_line(result.stderr)
+  assert "--hidden_sizes=40,40 (now 40,41)" in line and "--norm=none (now layer_norm)" in line
+  assert (sinusoid_run / "eval_test.json").read_text() == before
+
+
+def test_resume_with_changed_settings_is_refused_but_run_length_may_change(sinusoid_run):
+  result = trainer(*SINUSOID, "--num_iterations=40", "--learn_inner_lr",
+                   f"--model_dir={sinusoid_run}")
+  assert result.returncode == 1 and "--learn_inner_lr=False (now True)" in error_line(
+      result.stderr)
+  assert checkpoint_step(sinusoid_run) == 30
+  longer = trainer(*SINUSOID, "--num_iterations=40", "--checkpoint_every=10",
+                   "--eval_episodes=10", "--mode=train", f"--model_dir={sinusoid_run}")
+  assert longer.returncode == 0, longer.stderr[-2000:]
+  assert checkpoint_step(sinusoid_run) == 40
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, sinusoid_run):
+  """Without config.json (a run older than it), the strict restore still refuses."""
+  run = tmp_path / "copy"
+  result = trainer(*SINUSOID, "--num_iterations=10", "--checkpoint_every=10", "--mode=train",
+                   f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  (run / "config.json").unlink()
+  result = trainer(*SINUSOID, "--mode=eval", "--hidden_sizes=8,8", f"--model_dir={run}")
+  assert result.returncode == 1 and "ckpt-10" in error_line(result.stderr)
+  assert not (run / "eval_test.json").exists()
+
+
+# --- one run per model_dir -----------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_model_dir_in_use_is_refused_naming_the_holder(tmp_path):
+  run = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
+                           "--num_iterations=1000000", "--checkpoint_every=100000",
+                           f"--model_dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists():
+      assert proc.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    second = trainer(*SINUSOID, "--num_iterations=1000000", f"--model_dir={run}")
+    assert second.returncode == 1
+    assert f"in use by process {proc.pid}" in error_line(second.stderr)
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+  assert proc.returncode == 0 and not (run / ".lock").exists()  # released on exit
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  import socket
+  (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                         "since": 0}))
+  result = trainer(*SINUSOID, "--num_iterations=10", "--mode=train", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "stale lock" in result.stderr and not (run / ".lock").exists()
+
+
+# --- data checked before the first step ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory) -> Path:
+  root = tmp_path_factory.mktemp("tiny")
+  src = make_tiny_omniglot(root / "src", layout="folder")
+  out = root / "records"
+  datasets.build_dataset("omniglot", source=src, output=out, split_scheme="lake",
+                         beam_args=FAST_BEAM)
+  return out
+
+
+def damaged_copy(records: Path, target: Path) -> Path:
+  import shutil
+  shutil.copytree(records, target)
+  return target
+
+
+OMNIGLOT = ["--dataset=omniglot", "--n_way=2", "--k_shot=1", "--k_query=1",
+            "--meta_batch_size=2", "--num_filters=4", "--num_iterations=4", "--eval_every=2",
+            "--val_episodes=2", "--eval_episodes=2", "--log_every=2"]
+
+
+def test_a_truncated_val_shard_is_named_before_the_first_step(tiny_records, tmp_path):
+  records = damaged_copy(tiny_records, tmp_path / "records")
+  manifest = json.loads((records / "manifest.json").read_text())
+  shard = records / manifest["splits"]["val"]["shards"][0]["file"]
+  shard.write_bytes(shard.read_bytes()[:-7])
+  run = tmp_path / "run"
+  result = trainer(*OMNIGLOT, f"--data_dir={records}", f"--model_dir={run}")
+  assert result.returncode == 1
+  line = error_line(result.stderr)
+  assert str(shard) in line and "truncated or corrupt" in line
+  assert not (run / "ckpt").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_record_counts_always_and_sha256_on_request(tiny_records, tmp_path):
+  records = damaged_copy(tiny_records, tmp_path / "records")
+  manifest = json.loads((records / "manifest.json").read_text())
+  manifest["splits"]["test"]["shards"][0]["sha256"] = "0" * 64
+  (records / "manifest.json").write_text(json.dumps(manifest))
+  run = tmp_path / "run"
+  ok = trainer(*OMNIGLOT, f"--data_dir={records}", f"--model_dir={run}")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  verified = trainer(*OMNIGLOT, f"--data_dir={records}", f"--model_dir={run}", "--mode=eval",
+                     "--verify_records")
+  assert verified.returncode == 1 and "SHA-256 differs" in error_line(verified.stderr)
+  manifest["splits"]["train"]["shards"][0]["num_records"] += 1
+  (records / "manifest.json").write_text(json.dumps(manifest))
+  counted = trainer(*OMNIGLOT, f"--data_dir={records}", f"--model_dir={tmp_path / 'run2'}")
+  assert counted.returncode == 1 and "the manifest says" in error_line(counted.stderr)
+
+
+def test_a_misspelled_eval_split_is_refused_at_start_for_every_task(tiny_records, tmp_path):
+  for args in (SINUSOID, [*OMNIGLOT, f"--data_dir={tiny_records}"]):
+    result = trainer(*args, "--eval_split=tset", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 1 and "--eval_split=tset" in error_line(result.stderr)
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+# --- checkpoints and logs --------------------------------------------------------------------------
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  run = tmp_path / "run"
+  first = trainer(*SINUSOID, "--num_iterations=30", "--checkpoint_every=10", "--mode=train",
+                  f"--model_dir={run}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  data = next((run / "ckpt").glob("ckpt-30.data*"))
+  data.write_bytes(data.read_bytes()[:40])
+  resumed = trainer(*SINUSOID, "--num_iterations=40", "--checkpoint_every=10", "--mode=train",
+                    f"--model_dir={run}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "ckpt-30 is corrupt" in resumed.stderr and "resumed from" in resumed.stderr
+  assert (run / "ckpt" / "corrupt" / data.name).exists()  # kept aside, not deleted
+  assert checkpoint_step(run) == 40
+  steps = steps_logged(run)
+  assert steps == sorted(steps) and steps.count(30) == 1  # steps 21-30 logged once
+
+
+def test_ctrl_c_saves_the_step_exits_130_and_a_second_resume_logs_no_duplicates(tmp_path):
+  run = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
+                           "--num_iterations=1000000", "--checkpoint_every=100000",
+                           f"--model_dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (run / "metrics.jsonl").exists() or len(steps_logged(run)) < 3:
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "SIGINT: saved step" in err and "Traceback" not in err
+  saved = checkpoint_step(run)
+  assert saved == steps_logged(run)[-1]  # nothing lost since the last log
+  # A crash after more logging: the resume drops the lines past the restored step.
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": saved + 10, "train/support_loss_pre": 1.0}) + "\n")
+  resumed = trainer(*SINUSOID, f"--num_iterations={saved + 20}", "--mode=train",
+                    f"--model_dir={run}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  steps = steps_logged(run)
+  assert steps == sorted(steps) and len(steps) == len(set(steps)), steps[-5:]
+  assert any(".restart" in p.name for p in (run / "tb").iterdir())  # TensorBoard's purge
+
+
+def test_divergence_never_leaves_exploded_weights_as_the_good_checkpoint(tmp_path):
+  run = tmp_path / "run"
+  result = trainer(*SINUSOID, "--num_iterations=300", "--checkpoint_every=1",
+                   "--steps_per_loop=1", "--log_every=1", "--meta_lr=1", "--inner_lr=0.5",
+                   "--mode=train", f"--model_dir={run}")
+  assert result.returncode == 2
+  line = error_line(result.stderr)
+  assert "non-finite training loss or parameters" in line and "/diverged" in line
+  assert list((run / "ckpt" / "diverged").glob("ckpt-*.index"))
+  good = tf.train.latest_checkpoint(str(run / "ckpt"))
+  assert good is None or good in line
+  if good:
+    reader = tf.train.load_checkpoint(good)
+    params = [n for n in reader.get_variable_to_shape_map() if n.startswith("params/")]
+    assert params
+    for name in params:
+      value = reader.get_tensor(name)
+      assert np.all(np.isfinite(value)) and np.abs(value).max() < 1e6, name
+
+
+def test_builder_output_it_cannot_write_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  src = make_tiny_omniglot(tmp_path / "src", layout="folder")
+  result = subprocess.run([sys.executable, "tools/build_tfrecords.py", "--dataset=omniglot",
+                           f"--source={src}", f"--output={blocker / 'records'}", "--split=lake"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 1
+  assert str(blocker) in error_line(result.stderr, "build_tfrecords: error:")
+  assert os.path.isfile(blocker)

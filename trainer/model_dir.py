@@ -1,0 +1,234 @@
+"""What guards a model_dir: its run record, its lock, its checkpoints and its logs.
+
+A model_dir is a run's whole state. These guards make a wrong command fail at start-up in one
+line instead of silently mixing two runs: the settings it was started with (``config.json``)
+are compared with the current ones, one process at a time holds it, a corrupt newest
+checkpoint falls back to an intact one, and logs written past the restored step are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import tensorflow as tf
+from absl import logging
+
+from pipeline.errors import DataError
+from trainer import evaluation
+
+RUN_RECORD = "config.json"
+LOCK_NAME = ".lock"
+# Flags that may differ between the runs of one model_dir: how long and how often, where the
+# records are now, how to compute, and evaluation choices that write their own report file.
+MAY_CHANGE = frozenset({
+    "mode", "model_dir", "data_dir", "num_iterations", "eval_every", "val_episodes",
+    "eval_episodes", "eval_split", "eval_checkpoint", "eval_norm_stats", "eval_batch_size",
+    "checkpoint_every", "log_every", "steps_per_loop", "jit_compile", "strategy", "tpu",
+    "deterministic", "num_workers", "debug", "verify_records"})
+
+
+class ModelDirError(DataError):
+  """A model_dir that cannot be used as asked; the message names it and what is wrong."""
+
+
+def check_run_record(model_dir: Path, record: dict) -> None:
+  """Refuses settings that differ from those the run was started with (one line)."""
+  path = model_dir / RUN_RECORD
+  if not path.exists():
+    return
+  try:
+    stored = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModelDirError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
+  before, now = stored.get("flags", {}), record.get("flags", {})
+  differ = [f"--{k}={_show(before.get(k))} (now {_show(now.get(k))})"
+            for k in sorted(set(before) | set(now))
+            if k not in MAY_CHANGE and before.get(k) != now.get(k)]
+  if stored.get("records") and record.get("records"):
+    for k in ("dataset", "image_shape", "invert", "resample"):
+      if stored["records"].get(k) != record["records"].get(k):
+        differ.append(f"records' {k}={stored['records'].get(k)} (now "
+                      f"{record['records'].get(k)} in --data_dir)")
+  if differ:
+    raise ModelDirError(f"--model_dir={model_dir} was started with other settings: "
+                        f"{', '.join(differ)}; use the run's flags (see {path}) or another "
+                        f"--model_dir")
+
+
+def _show(value) -> str:
+  if isinstance(value, list):
+    return ",".join(str(v) for v in value)
+  return str(value)
+
+
+def write_run_record(model_dir: Path, record: dict) -> None:
+  if not (model_dir / RUN_RECORD).exists():
+    evaluation.write_json(model_dir / RUN_RECORD, record)
+
+
+class Lock:
+  """``<model_dir>/.lock`` held while a run writes there; stale locks of dead processes are
+  taken over. Another live holder: one line naming it (pid, host)."""
+
+  def __init__(self, model_dir: Path):
+    self.path = model_dir / LOCK_NAME
+    self.held = False
+
+  def __enter__(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is not None and self._alive(holder):
+          raise ModelDirError(
+              f"--model_dir={self.path.parent} is in use by process {holder.get('pid')} on "
+              f"{holder.get('host')} (since {time.ctime(holder.get('since', 0))}); wait for "
+              f"it, stop it, or delete {self.path} if that process is gone") from None
+        logging.warning("taking over the stale lock %s (%s)", self.path, holder)
+        self.path.unlink(missing_ok=True)
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      return self
+    raise ModelDirError(f"{self.path}: could not take the lock (another run raced for it)")
+
+  def _holder(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, json.JSONDecodeError):
+      return None  # half-written by a process that died: stale
+
+  @staticmethod
+  def _alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+      return True  # cannot tell for another machine: assume it runs
+    try:
+      os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+      return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+      return True
+    return True
+
+  def __exit__(self, *exc):
+    if self.held:
+      self.path.unlink(missing_ok=True)
+      self.held = False
+
+
+def _checkpoint_files(prefix: str) -> list[Path]:
+  prefix_path = Path(prefix)
+  return sorted(prefix_path.parent.glob(prefix_path.name + ".*"))
+
+
+def checkpoints(directory: Path) -> list[str]:
+  """The checkpoint prefixes a CheckpointManager of ``directory`` keeps, oldest first."""
+  state = tf.train.get_checkpoint_state(str(directory))
+  return list(state.all_model_checkpoint_paths) if state else []
+
+
+def set_aside(directory: Path, prefix: str, folder: str) -> Path:
+  """Moves a checkpoint's files to ``<directory>/<folder>/`` (kept, not deleted) and drops it
+  from the directory's checkpoint list, so restores and managers created later ignore it."""
+  target = Path(directory) / folder
+  target.mkdir(exist_ok=True)
+  for f in _checkpoint_files(prefix):
+    shutil.move(str(f), target / f.name)
+  state = tf.train.get_checkpoint_state(str(directory))
+  paths_ = list(state.all_model_checkpoint_paths) if state else []
+  stamps = list(state.all_model_checkpoint_timestamps) if state else []
+  if len(stamps) != len(paths_):
+    stamps = [time.time()] * len(paths_)
+  kept = [(os.path.relpath(p, directory), t) for p, t in zip(paths_, stamps) if p != prefix]
+  if not kept:
+    (Path(directory) / "checkpoint").unlink(missing_ok=True)
+    return target
+  # Timestamps too: a CheckpointManager keeps (and later rotates) only entries that have them.
+  tf.compat.v1.train.update_checkpoint_state(
+      str(directory), kept[-1][0],
+      all_model_checkpoint_paths=[p for p, _ in kept],
+      all_model_checkpoint_timestamps=[t for _, t in kept])
+  return target
+
+
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: Path) -> str | None:
+  """Restores the newest checkpoint in ``directory`` that reads back whole; corrupt newer ones
+  are set aside with a warning naming them. Every variable must be restored: a checkpoint of
+  another model is refused, never half-loaded. Create the CheckpointManager after this."""
+  for prefix in reversed(checkpoints(directory)):
+    try:
+      checkpoint.restore(prefix).assert_existing_objects_matched()
+      return prefix
+    except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+      if not _unreadable(prefix):
+        # Readable but not this model (shapes or variables differ): not corruption.
+        raise ModelDirError(f"{prefix}: does not match the model these flags build "
+                            f"({first_line(e)})") from None
+      target = set_aside(directory, prefix, "corrupt")
+      logging.warning("checkpoint %s is corrupt (%s); moved to %s; trying the one before",
+                      prefix, first_line(e), target)
+  return None
+
+
+def _unreadable(prefix: str) -> bool:
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+    return False
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def trim_metrics(model_dir: Path, step: int) -> int:
+  """Drops ``metrics.jsonl`` lines past ``step`` (written after the restored checkpoint);
+  returns how many were dropped. Keeps the file strictly a record of the restored history."""
+  path = model_dir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)["step"] > step:
+        dropped += 1
+        continue
+    except (json.JSONDecodeError, KeyError, TypeError):
+      dropped += 1  # a line cut by a crash
+      continue
+    kept.append(line)
+  if dropped:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
+  return dropped
+
+
+def purge_tensorboard(log_dir: Path, step: int) -> None:
+  """Makes TensorBoard discard events past ``step`` from earlier attempts of this run.
+
+  TensorBoard drops a run's events with a larger step when it reads a SessionLog.START event
+  (the mechanism TF1's supervisors used on restart); it is written in its own event file.
+  """
+  from tensorboard.compat.proto import event_pb2  # tensorboard comes with TensorFlow
+  log_dir.mkdir(parents=True, exist_ok=True)
+  name = log_dir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.restart"
+  with tf.io.TFRecordWriter(str(name)) as writer:
+    writer.write(event_pb2.Event(wall_time=time.time(),
+                                 file_version="brain.Event:2").SerializeToString())
+    writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                 session_log=event_pb2.SessionLog(
+                                     status=event_pb2.SessionLog.START)).SerializeToString())

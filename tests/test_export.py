@@ -23,6 +23,7 @@ from PIL import Image
 from conftest import omniglot_png
 from pipeline import imaging, streams
 from trainer import config, learner, optim, tasks
+from trainer import model_dir as guard
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODES = 8
@@ -44,13 +45,17 @@ def run(*args, cwd=REPO, timeout=600):
                         timeout=timeout)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def trained(request, tmp_path_factory):
-  """(case, run folder, records, export folder) of a model trained for a few steps."""
-  flagfile, dataset, extra = CASES[request.param]
+_TRAINED: dict[str, tuple] = {}
+
+
+def train_and_export(case: str, request, tmp_path_factory) -> tuple:
+  """(case, run folder, records, export folder) of a model trained for a few steps, once."""
+  if case in _TRAINED:
+    return _TRAINED[case]
+  flagfile, dataset, extra = CASES[case]
   records = request.getfixturevalue("omniglot_records" if dataset == "omniglot"
                                     else "mini_records")
-  root = tmp_path_factory.mktemp(request.param)
+  root = tmp_path_factory.mktemp(case)
   model_dir, export_dir = root / "run", root / "export"
   result = run("-m", "trainer.main", f"--flagfile={flagfile}", f"--data_dir={records}",
                f"--model_dir={model_dir}", "--num_iterations=6", "--eval_every=3",
@@ -60,7 +65,19 @@ def trained(request, tmp_path_factory):
   result = run("-m", "trainer.export", f"--model_dir={model_dir}", f"--output={export_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "exported" in result.stdout and "meta-test test accuracy" in result.stdout, result.stdout
-  return request.param, model_dir, records, export_dir
+  _TRAINED[case] = (case, model_dir, records, export_dir)
+  return _TRAINED[case]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def trained(request, tmp_path_factory):
+  return train_and_export(request.param, request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def omniglot_run(request, tmp_path_factory):
+  """The original-settings Omniglot model: the one the input checks use."""
+  return train_and_export("omniglot_original", request, tmp_path_factory)
 
 
 def one_error_line(stderr: str, prefix: str) -> bool:
@@ -170,11 +187,8 @@ def test_export_predicts_what_the_trainer_meta_test_measured(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def omniglot_export(trained):
-  case, _, _, export_dir = trained
-  if case != "omniglot_original":
-    pytest.skip("one export is enough for the input checks")
-  return export_dir
+def omniglot_export(omniglot_run):
+  return omniglot_run[3]
 
 
 def test_export_refuses_bad_inputs_with_one_line_each(omniglot_export):
@@ -215,10 +229,8 @@ def test_export_resizes_any_image_size_as_the_builder_does(omniglot_export):
   np.testing.assert_array_equal(same_size, stored.astype(np.float32) * np.float32(1 / 255))
 
 
-def test_export_command_refuses_bad_runs_with_one_line(trained, tmp_path):
-  case, model_dir, _, export_dir = trained
-  if case != "omniglot_original":
-    pytest.skip("checked once")
+def test_export_command_refuses_bad_runs_with_one_line(omniglot_run, tmp_path):
+  _, model_dir, _, export_dir = omniglot_run
   result = run("-m", "trainer.export", f"--model_dir={model_dir}", f"--output={export_dir}")
   assert result.returncode == 1 and "already exists; pass --overwrite" in result.stderr
   assert one_error_line(result.stderr, "export: error:"), result.stderr

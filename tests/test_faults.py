@@ -204,7 +204,7 @@ def test_a_misspelled_eval_split_is_refused_at_start_for_every_task(tiny_records
     assert not (tmp_path / "run" / "ckpt").exists()
 
 
-# --- checkpoints and logs --------------------------------------------------------------------------
+# --- checkpoints and logs ---------------------------------------------------------------------
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -281,3 +281,80 @@ def test_builder_output_it_cannot_write_is_one_line(tmp_path):
   assert result.returncode == 1
   assert str(blocker) in error_line(result.stderr, "build_tfrecords: error:")
   assert os.path.isfile(blocker)
+
+
+# --- preemption across workers -------------------------------------------------------------------
+
+
+def start_workers(run: Path, ports: list[int], iterations: int) -> list[subprocess.Popen]:
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+  procs = []
+  for index in range(len(ports)):
+    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                 "task": {"type": "worker", "index": index}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "trainer.main", *SINUSOID, "--strategy=multi_worker",
+         f"--num_iterations={iterations}", "--checkpoint_every=100000", "--steps_per_loop=5",
+         "--mode=train", f"--model_dir={run}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def free_ports(n: int) -> list[int]:
+  import socket
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def test_sigterm_to_one_worker_checkpoints_every_worker_at_the_same_step(tmp_path):
+  run = tmp_path / "run"
+  procs = start_workers(run, free_ports(2), 1000000)
+  try:
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or len(steps_logged(run)) < 2:
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+          [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # the non-chief worker
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+  saved = checkpoint_step(run)
+  assert saved > 0 and saved % 5 == 0 and "preemption of a worker: saved step" in errs[0]
+  assert f"saved step {saved} " in errs[1]  # the same step on the other worker
+  resumed = start_workers(run, free_ports(2), saved + 10)
+  errs = [p.communicate(timeout=240)[1] for p in resumed]
+  for p, err in zip(resumed, errs):
+    assert p.returncode == 0, err[-3000:]
+  assert f"resumed from {run / 'ckpt' / f'ckpt-{saved}'}" in errs[0]
+  assert checkpoint_step(run) == saved + 10
+
+
+def test_a_worker_lost_outright_ends_the_other_with_one_line_naming_it(tmp_path):
+  run = tmp_path / "run"
+  procs = start_workers(run, free_ports(2), 1000000)
+  try:
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or len(steps_logged(run)) < 2:
+      assert all(p.poll() is None for p in procs) and time.time() < deadline
+      time.sleep(0.1)
+    procs[1].kill()
+    _, err = procs[0].communicate(timeout=240)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[0].returncode == 1
+  line = error_line(err)
+  assert "a worker was lost (/job:worker/replica:0/task:1" in line
+  assert not (run / ".lock").exists()

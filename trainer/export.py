@@ -70,8 +70,8 @@ def load_run_record(model_dir: Path, from_flags: bool) -> dict:
     except json.JSONDecodeError as e:
       raise ExportError(f"{path}: not valid JSON ({e})") from None
   if not from_flags:
-    raise ExportError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started before "
-                      f"the trainer wrote one); pass the flags it was trained with, e.g. "
+    raise ExportError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started "
+                      f"before the trainer wrote one); pass the flags it was trained with, e.g. "
                       f"--flagfile=configs/<name>.cfg --data_dir=<records>")
   from trainer import main as trainer_main  # the trainer's own resolution of its flags
   if FLAGS.dataset not in ("omniglot", "miniimagenet"):

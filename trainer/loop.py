@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -31,14 +32,16 @@ class _Preemption:
   """SIGTERM or Ctrl-C (SIGINT) set a flag; the loop checkpoints at the next loop boundary and
   exits cleanly. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
+  def __init__(self, cluster: bool = False):
     self.requested = None  # the signal received
     self._previous = {}
+    # Across workers, SIGTERM belongs to TensorFlow's PreemptionCheckpointHandler (see
+    # _ClusterPreemption); Ctrl-C is passed on to it as a SIGTERM to this process.
+    self._cluster = cluster
+    self._signals = (signal.SIGINT,) if cluster else (signal.SIGTERM, signal.SIGINT)
 
   def __enter__(self):
-    for sig in self.SIGNALS:
+    for sig in self._signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread
@@ -48,6 +51,9 @@ class _Preemption:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     if signum == signal.SIGINT and self.requested == signal.SIGINT:
       raise KeyboardInterrupt
+    if self._cluster:
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
     self.requested = signum
     if signum == signal.SIGINT:
       print("\nCtrl-C: saving at the end of this loop, then stopping (Ctrl-C again: stop now)",
@@ -56,6 +62,37 @@ class _Preemption:
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
+
+
+class _ClusterPreempted(Exception):
+  pass
+
+
+class _ClusterPreemption:
+  """Multi-worker preemption with TensorFlow's own mechanism, as Model Garden uses it.
+
+  A SIGTERM to any worker is shared through the coordination service; every worker then
+  checkpoints after the same loop (the chief into the model_dir, the others into their scratch
+  folders) and stops, so re-running the same commands resumes from one consistent step.
+  ``check`` must be called once per loop on every worker.
+  """
+
+  def __init__(self, strategy, manager: tf.train.CheckpointManager):
+    config = tf.distribute.experimental.TerminationConfig(exit_fn=self._exit)
+    self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver, manager, termination_config=config)
+
+  @staticmethod
+  def _exit():
+    raise _ClusterPreempted()
+
+  def check(self, step: int) -> bool:
+    """True when this loop was the cluster's last: its step is saved."""
+    try:
+      self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
+    except _ClusterPreempted:
+      return True
+    return False
 
 
 class _Logs:
@@ -146,8 +183,10 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
   iterator = iter(_distributed(strategy, task, lambda s: task.train_dataset(s, step)))
   logs = _Logs(cfg.model_dir, chief, cfg.num_iterations, step)
   status = "finished"
+  cluster = (_ClusterPreemption(strategy, manager)
+             if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else None)
   try:
-    with _Preemption() as preemption:
+    with _Preemption(cluster=cluster is not None) as preemption:
       while step < cfg.num_iterations:
         boundaries = [cfg.num_iterations, _next_multiple(step, cfg.log_every),
                       _next_multiple(step, cfg.checkpoint_every)]
@@ -157,7 +196,8 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
         start = time.perf_counter()
         means = {k: float(v) for k, v in learner.train_loop(iterator, tf.constant(n)).items()}
         elapsed = time.perf_counter() - start
-        if not (all(math.isfinite(v) for v in means.values()) and _finite(learner.checkpoint_items())):
+        finite = all(math.isfinite(v) for v in means.values())
+        if not (finite and _finite(learner.checkpoint_items())):
           raise TrainingDiverged(_diverged(step, n, means, ckpt_dir))
         step += n
         logs.bar.update(n)
@@ -192,6 +232,11 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
           logging.warning("%s: saved step %d to %s; re-run the command to resume", name, step,
                           manager.latest_checkpoint)
           status = "interrupted" if preemption.requested == signal.SIGINT else "preempted"
+          break
+        if cluster is not None and not final and cluster.check(step):
+          logging.warning("preemption of a worker: saved step %d to %s; re-run the commands to "
+                          "resume", step, manager.latest_checkpoint)
+          status = "preempted"
           break
   finally:
     logs.close()

@@ -91,14 +91,20 @@ def main(argv):
 
 
 def one_line(error: BaseException) -> str:
-  """An error as one line: ours name the file or flag; others get their type and first line."""
-  if isinstance(error, tf.errors.OpError):
-    text = error.message
-  else:
-    text = str(error)
-  first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-  if isinstance(error, (DataError, ValueError)) and first:
-    return first
+  """An error as one line: ours name the file or flag; others get their type and the first
+  line that says something (TensorFlow's runtime errors start with boilerplate)."""
+  text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, (DataError, ValueError)) and lines:
+    return lines[0]
+  if isinstance(error, tf.errors.UnavailableError) and "unhealthy" in text:
+    lost = sorted({line for line in lines if line.startswith("/job:")})
+    return (f"a worker was lost ({', '.join(lost) or 'unknown task'} stopped sending "
+            f"heartbeats); the others stopped too: re-run every worker's command to resume "
+            f"from the last checkpoint")
+  boilerplate = ("Graph execution error", "Detected at node", "File \"", "[[", "{{")
+  useful = [line for line in lines if not line.startswith(boilerplate)]
+  first = useful[0] if useful else (lines[0] if lines else "")
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

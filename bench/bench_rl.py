@@ -29,6 +29,8 @@ MACHINE = f"CPU {platform.machine()} x{os.cpu_count()}"
 def main(_):
   import tensorflow as tf
   from rl import envs, learner, policies, task
+  from rl import family as rl_family
+  from trainer import config
   from rl.sampler import VectorSampler
   for name in FLAGS.envs:
     for workers in (int(w) for w in FLAGS.workers):
@@ -47,7 +49,8 @@ def main(_):
                         "includes": "policy forward pass", "machine": MACHINE}), flush=True)
   name = "2DNavigation-v0"
   sampler = VectorSampler(name, 20 * 20)
-  cfg = learner.RLConfig(env=name, meta_batch_size=20, rollouts_per_task=20, horizon=100)
+  values = dict(config.default_values(), env=name, meta_batch_size=20, rollouts_per_task=20)
+  cfg = rl_family.rl_config(values, horizon=100)
   policy = policies.PolicyConfig("gaussian", sampler.obs_dim, sampler.action_dim)
   meta = learner.RLMetaLearner(tf.distribute.get_strategy(), cfg, policy, sampler, seed=0)
   stream = task.MetaRLTask(sampler, 20, 0).train_dataset(None, 0)

@@ -221,15 +221,20 @@ def _to_float(batch):
 
 
 def _validate(data: ClassIndexedImages, spec: EpisodeSpec) -> None:
-  if spec.n_way > data.num_classes:
-    raise DataError(f"n_way={spec.n_way}: split {data.split!r} has only {data.num_classes} "
-                    f"classes")
-  need = spec.k_shot + spec.k_query
-  counts = data.counts.numpy()
-  if counts.min() < need:
-    smallest = int(np.argmin(counts))
-    raise DataError(f"k_shot + k_query = {need}: class {data.class_names[smallest]!r} of split "
-                    f"{data.split!r} has only {counts[smallest]} images")
+  check_episodes_fit(data.split, list(zip(data.class_names, data.counts.numpy().tolist())),
+                     spec.n_way, spec.k_shot, spec.k_query)
+
+
+def check_episodes_fit(split: str, class_counts: list[tuple[str, int]], n_way: int,
+                       k_shot: int, k_query: int, query_flag: str = "k_query") -> None:
+  """The one check that a split can hold N-way episodes of K + Q images per class; used on a
+  loaded split and, at start-up, on the manifest's counts."""
+  if n_way > len(class_counts):
+    raise DataError(f"--n_way={n_way}: split {split!r} has only {len(class_counts)} classes")
+  name, count = min(class_counts, key=lambda c: c[1])
+  if count < k_shot + k_query:
+    raise DataError(f"--k_shot + --{query_flag} = {k_shot + k_query}: class {name} of split "
+                    f"{split!r} has only {count} images")
 
 
 def meta_batches(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,

@@ -20,6 +20,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from pipeline.errors import DataError
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -45,10 +47,15 @@ class Sharding:
                ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
   def per_replica(self, global_batch: int) -> int:
-    if global_batch % self.num_replicas:
-      raise ValueError(f"meta_batch_size={global_batch} is not divisible by the "
-                       f"{self.num_replicas} replicas in sync")
-    return global_batch // self.num_replicas
+    return check_divisible(global_batch, self.num_replicas) // self.num_replicas
+
+
+def check_divisible(global_batch: int, replicas: int, name: str = "meta_batch_size") -> int:
+  """A global batch of tasks must split evenly over the replicas (static shapes per replica)."""
+  if global_batch % replicas:
+    raise DataError(f"{name}={global_batch} is not divisible by the {replicas} replicas in "
+                    f"sync")
+  return global_batch
 
 
 def stream_seed(seed: int, stream: str) -> tf.Tensor:

@@ -15,24 +15,24 @@ import tensorflow as tf
 
 from rl import maml_rl, policies, returns
 from rl.sampler import Rollouts, VectorSampler
-from trainer import optim
+from trainer import maml, optim
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  env: str
-  meta_batch_size: int = 20  # tasks per meta-iteration
-  rollouts_per_task: int = 20
-  horizon: int = 100
-  inner_lr: float = 0.1
-  inner_steps: int = 1
-  eval_inner_steps: int = 3
-  first_order: bool = False
-  gamma: float = 0.99
-  gae_lambda: float = 1.0
-  outer_optimizer: str = "trpo"  # or "adam"
-  meta_lr: float = 1e-3  # adam only
-  trpo: maml_rl.TRPOConfig = maml_rl.TRPOConfig()
+  """No defaults: the flags' (trainer/config.py) are the only ones."""
+  meta_batch_size: int  # tasks per meta-iteration
+  rollouts_per_task: int
+  horizon: int
+  inner_lr: float
+  inner_steps: int
+  eval_inner_steps: int
+  first_order: bool
+  gamma: float
+  gae_lambda: float
+  outer_optimizer: str  # "trpo" or "adam"
+  meta_lr: float  # adam only
+  trpo: maml_rl.TRPOConfig
 
 
 class RLMetaLearner:
@@ -44,18 +44,24 @@ class RLMetaLearner:
     self.strategy, self.cfg, self.policy, self.sampler = strategy, cfg, policy, sampler
     with strategy.scope():
       self.params = {k: tf.Variable(v, name=k) for k, v in policies.init_params(policy, seed).items()}
-      self.optimizer = optim.Adam(optim.AdamConfig(cfg.meta_lr), self.params)
+      # TRPO needs no optimizer state, only the iteration count; Adam keeps its own.
+      self.optimizer = (optim.Adam(optim.AdamConfig(cfg.meta_lr), self.params)
+                        if cfg.outer_optimizer == "adam" else None)
+      self._iterations = (self.optimizer.iterations if self.optimizer else
+                          tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations"))
     self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order)
     self._adapt = tf.function(lambda p, pre: maml_rl.adapt(policy, p, pre, cfg.inner_lr, True))
     self._inner_losses = tf.function(
-        lambda p, pre: maml_rl.inner_losses(policy, maml_rl.tile(p, cfg.meta_batch_size), pre))
+        lambda p, pre: maml_rl.inner_losses(policy, maml.tile(p, cfg.meta_batch_size), pre))
 
   @property
   def step(self) -> tf.Variable:
-    return self.optimizer.iterations
+    return self._iterations
 
   def checkpoint_items(self) -> dict:
-    return {"params": self.params, "optimizer": self.optimizer.state()}
+    # Under "optimizer/iterations" for TRPO too, where checkpoints have always kept the count.
+    state = self.optimizer.state() if self.optimizer else {"iterations": self._iterations}
+    return {"params": self.params, "optimizer": state}
 
   # --- rollouts ---------------------------------------------------------------------------------
 
@@ -120,7 +126,7 @@ class RLMetaLearner:
       new, info = self._trpo(params, pre, post)
       for k, v in self.params.items():
         v.assign(new[k])
-      self.optimizer.iterations.assign_add(1)
+      self._iterations.assign_add(1)
       outer_loss = info["surrogate_after"]
     else:
       old_logp, old_dist = self._trpo.old_policy(params, pre, post)

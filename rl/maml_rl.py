@@ -15,6 +15,7 @@ import dataclasses
 import tensorflow as tf
 
 from rl import policies
+from trainer import maml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,22 +37,13 @@ def inner_losses(cfg: policies.PolicyConfig, fast: dict, batch: dict) -> tf.Tens
   return -_masked_mean(logp * batch["advantages"], batch["mask"])
 
 
-def tile(params: dict, tasks: int) -> dict:
-  return {k: tf.tile(v[None], [tasks] + [1] * v.shape.rank) for k, v in params.items()}
-
-
 def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool):
   """Per-task parameters after one inner step per batch in ``pre_batches``."""
-  tasks = pre_batches[0]["obs"].shape[0]
-  fast = tile(params, tasks)
+  fast = maml.tile(params, pre_batches[0]["obs"].shape[0])
+  rates = {k: inner_lr for k in fast}
   for batch in pre_batches:
-    with tf.GradientTape() as tape:
-      tape.watch(list(fast.values()))
-      loss = tf.reduce_sum(inner_losses(cfg, fast, batch))
-    grads = tape.gradient(loss, fast)
-    if first_order:
-      grads = {k: tf.stop_gradient(g) for k, g in grads.items()}
-    fast = {k: fast[k] - inner_lr * grads[k] for k in fast}
+    fast, _ = maml.sgd_step(fast, lambda f, b=batch: (tf.reduce_sum(inner_losses(cfg, f, b)),
+                                                      None), rates, first_order=first_order)
   return fast
 
 

@@ -16,10 +16,18 @@ class MetaRLTask:
   meta_batch_size: int
   seed: int
   metric = "return"
-  loss = "surrogate"
   higher_is_better = True
   splits = ("val", "test")  # held-out task streams (any name would hash to one: refuse typos)
-  host_side = True  # batches are task lists for the host-side sampler, not tf.data
+  small_sample = True  # evaluated on tens of tasks: Student's t interval, not 1.96
+
+  def train_data(self, strategy, start_step: int):
+    """Task lists for the host-side sampler (rollouts are Python), not tf.data."""
+    del strategy  # one device: RL meta-training refuses more replicas
+    return self.train_dataset(None, start_step)
+
+  def eval_data(self, strategy, split: str, episodes: int):
+    del strategy
+    return self.eval_dataset(split, episodes, None)
 
   def _tasks(self, *key) -> tuple[list[dict], int]:
     seq = np.random.SeedSequence([self.seed, *key])

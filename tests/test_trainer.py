@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,24 @@ def test_records_of_another_dataset_are_refused(tmp_path, mini_records):
   assert result.returncode == 1 and "holds 'miniimagenet' records" in result.stderr
 
 
+def test_a_flag_of_another_task_family_is_refused_not_ignored(tmp_path):
+  result = trainer(*SINUSOID, "--n_way=20", "--num_filters=8", f"--model_dir={tmp_path / 'r'}")
+  assert result.returncode == 1
+  assert "--n_way, --num_filters do(es) not apply to --dataset=sinusoid" in result.stderr
+  result = trainer("--dataset=rl", "--learn_inner_lr", "--jit_compile=true",
+                   f"--model_dir={tmp_path / 'r'}")
+  assert result.returncode == 1
+  assert "--jit_compile, --learn_inner_lr do(es) not apply to --dataset=rl" in result.stderr
+  assert not (tmp_path / "r").exists()
+
+
+def test_every_flag_belongs_to_a_family_or_to_all():
+  from trainer import config, family
+  names = set(config.flag_names())
+  covered = family.COMMON_FLAGS.union(*(f.flags for f in family.FAMILIES))
+  assert names == covered, (names - covered, covered - names)
+
+
 def test_model_dir_defaults_to_runs_named_after_the_last_flagfile():
   from trainer import config
   argv = ["main", "--flagfile=configs/demo.cfg", "--flagfile", "configs/mini_5w1s.cfg"]
@@ -87,31 +106,45 @@ def test_every_paper_config_parses_and_documents_itself():
     assert "--loss_reduction=original" in text and "Fidelity:" in text, name
 
 
-def test_every_config_builds_valid_model_meta_and_optimizer_settings():
+def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records):
+  """Each flagfile through its family's factory: flags that apply, a task, a learner."""
   script = textwrap.dedent("""
       import sys
       from pathlib import Path
+      import tensorflow as tf
       from absl import flags
-      from trainer import config
+      from trainer import config, family
+      records = {"omniglot": sys.argv[1], "miniimagenet": sys.argv[2]}
+      FLAGS = flags.FLAGS
       for path in sorted(Path("configs").glob("*.cfg")):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["x", f"--flagfile={path}"])
-        if flags.FLAGS.dataset == "rl":
-          continue
-        shape = (84, 84, 3) if flags.FLAGS.dataset == "miniimagenet" else (28, 28, 1)
-        model = config.model_config(shape, flags.FLAGS.n_way)
-        meta = config.meta_config()
-        config.adam_config()
-        print(path.stem, model.param_slots, model.stat_slots, meta.inner_adapt,
-              meta.per_step_inner_lr, meta.msl_iterations)
+        FLAGS.unparse_flags()
+        FLAGS(["x", f"--flagfile={path}"])
+        names = config.flag_names()
+        values = {n: FLAGS[n].value for n in names}
+        chosen = family.family_of(values["dataset"])
+        family.refuse_inapplicable(chosen, {n for n in names if FLAGS[n].present})
+        values["data_dir"] = records.get(values["dataset"])
+        if chosen.name == "rl":  # few environments: the factory, not the sampler, is tested
+          values.update(meta_batch_size=2, rollouts_per_task=1)
+        built = chosen.build(values, tf.distribute.get_strategy())
+        assert built.learner.step.numpy() == 0 and built.task.splits
+        model, meta = built.record.get("model", {}), built.record.get("meta", {})
+        print(path.stem, model.get("param_slots"), model.get("stat_slots"),
+              meta.get("inner_adapt"), meta.get("per_step_inner_lr"), meta.get("msl_iterations"),
+              type(built.learner).__name__, flush=True)
   """)
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+  result = subprocess.run([sys.executable, "-c", script, str(omniglot_records),
+                           str(mini_records)], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
-  assert rows["mamlpp_omniglot_5w1s"] == ["6", "6", "no_norm", "True", "5000"]
-  assert rows["mamlpp_mini_5w1s"] == ["6", "6", "no_norm", "True", "7500"]
+  assert rows["mamlpp_omniglot_5w1s"][:5] == ["6", "6", "no_norm", "True", "5000"]
+  assert rows["mamlpp_mini_5w1s"][:5] == ["6", "6", "no_norm", "True", "7500"]
   assert rows["anil_mini_5w1s"][2] == "head" and rows["omniglot_5w1s"][2] == "no_norm"
+  configs = {c.stem for c in (REPO / "configs").glob("*.cfg")}
+  assert set(rows) == configs
+  assert {r[-1] for k, r in rows.items() if k.startswith("rl_")} == {"RLMetaLearner"}
+  assert rows["sinusoid_5shot"][-1] == "MetaLearner"
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -312,3 +345,14 @@ def test_multi_worker_mirrored_with_two_local_workers_completes_steps(tmp_path):
   assert checkpoint_step(tmp_path / "run") == 6
   assert "replicas=2" in outputs[0][1]
   assert json.loads((tmp_path / "run" / "eval_test.json").read_text())["episodes"] == 20
+
+
+def test_small_sample_intervals_use_students_t():
+  from trainer import evaluation
+  assert evaluation.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-3)
+  assert evaluation.t_quantile_975(19) == pytest.approx(2.0930, abs=1e-3)
+  assert evaluation.t_quantile_975(10000) == pytest.approx(1.9602, abs=1e-3)
+  values = np.arange(20, dtype=float)
+  t = evaluation.mean_ci95(values, t_interval=True)["ci95"]
+  assert t == pytest.approx(2.0930 * values.std(ddof=1) / np.sqrt(20), rel=1e-4)
+  assert evaluation.mean_ci95(values)["ci95"] == pytest.approx(1.96 * values.std() / np.sqrt(20))

@@ -16,7 +16,10 @@ from pathlib import Path
 from absl import flags
 
 from pipeline import paths
+from rl.maml_rl import TRPOConfig  # TensorFlow only: the RL extra is not needed
 from trainer import distribute, maml, models, optim
+
+_MODEL, _META, _ADAM, _TRPO = models.ModelConfig, maml.MetaConfig, optim.AdamConfig, TRPOConfig
 
 FLAGS = flags.FLAGS
 
@@ -39,19 +42,19 @@ flags.DEFINE_integer("eval_batch_size", None, "Tasks per evaluation batch "
 
 # --- model ---
 flags.DEFINE_enum("model", "conv4", ["conv4", "mlp"], "Backbone.")
-flags.DEFINE_integer("num_filters", 64, "conv4 filters per layer (paper: 64 Omniglot, 32 Mini).",
+flags.DEFINE_integer("num_filters", _MODEL.num_filters, "conv4 filters per layer (paper: 64 Omniglot, 32 Mini).",
                      lower_bound=1)
-flags.DEFINE_enum("downsample", "stride", ["stride", "maxpool"],
+flags.DEFINE_enum("downsample", _MODEL.downsample, ["stride", "maxpool"],
                   "conv4 down-sampling: stride-2 convs (Omniglot) or 2x2 max-pool (Mini).")
-flags.DEFINE_enum("features", "mean", ["mean", "flatten"],
+flags.DEFINE_enum("features", _MODEL.features, ["mean", "flatten"],
                   "conv4 head input: spatial mean (original Omniglot code) or flattened map.")
-flags.DEFINE_list("hidden_sizes", ["40", "40"], "mlp hidden layer widths.")
-flags.DEFINE_enum("norm", "batch_norm", list(models.NORMS),
+flags.DEFINE_list("hidden_sizes", [str(h) for h in _MODEL.hidden_sizes], "mlp hidden layer widths.")
+flags.DEFINE_enum("norm", _MODEL.norm, list(models.NORMS),
                   "batch_norm: current-batch statistics at train and test time (the paper's "
                   "transductive setting); layer_norm: per-example, not transductive; none.")
-flags.DEFINE_boolean("norm_scale", True, "Give the norm a learned scale. The original MAML "
+flags.DEFINE_boolean("norm_scale", _MODEL.norm_scale, "Give the norm a learned scale. The original MAML "
                      "code's batch norm has an offset only (--nonorm_scale).")
-flags.DEFINE_enum("head_init", "glorot", ["glorot", "normal"], "Output layer initialisation; "
+flags.DEFINE_enum("head_init", _MODEL.head_init, ["glorot", "normal"], "Output layer initialisation; "
                   "normal = N(0, 1), the original code's Omniglot head.")
 flags.DEFINE_boolean("per_step_bn_params", False, "MAML++ BNWB: a separate norm scale/offset "
                      "for each inner step (forward passes after s updates use set s).")
@@ -66,36 +69,36 @@ flags.DEFINE_enum("eval_norm_stats", "batch", ["batch", "running"],
                   "examples. Writes eval_<split>_running.json instead of eval_<split>.json.")
 
 # --- meta-learning ---
-flags.DEFINE_integer("inner_steps", 1, "Adaptation steps in meta-training.", lower_bound=1)
+flags.DEFINE_integer("inner_steps", _META.inner_steps, "Adaptation steps in meta-training.", lower_bound=1)
 flags.DEFINE_integer("eval_inner_steps", None, "Adaptation steps in evaluation; metrics are "
                      "reported after each (default: --inner_steps).", lower_bound=1)
-flags.DEFINE_float("inner_lr", 0.4, "Inner-loop learning rate (initial value with "
+flags.DEFINE_float("inner_lr", _META.inner_lr, "Inner-loop learning rate (initial value with "
                    "--learn_inner_lr).", lower_bound=0.0)
-flags.DEFINE_boolean("first_order", False, "First-order MAML (no second derivatives).")
-flags.DEFINE_boolean("learn_inner_lr", False, "Meta-SGD: meta-learn one inner rate per "
+flags.DEFINE_boolean("first_order", _META.first_order, "First-order MAML (no second derivatives).")
+flags.DEFINE_boolean("learn_inner_lr", _META.learn_inner_lr, "Meta-SGD: meta-learn one inner rate per "
                      "parameter entry.")
-flags.DEFINE_boolean("per_step_inner_lr", False, "MAML++ LSLR: meta-learn one inner rate per "
+flags.DEFINE_boolean("per_step_inner_lr", _META.per_step_inner_lr, "MAML++ LSLR: meta-learn one inner rate per "
                      "parameter tensor and inner step (initial value --inner_lr).")
-flags.DEFINE_enum("loss_reduction", "mean", list(maml.REDUCTIONS),
+flags.DEFINE_enum("loss_reduction", _META.loss_reduction, list(maml.REDUCTIONS),
                   "mean: losses are per-task means. original: cbfinn/maml's classification "
                   "loss, per-example cross-entropy / K summed over examples, so the inner step "
                   "is N x --inner_lr on the mean (also scales the meta-loss, which matters for "
                   "--clip_value).")
-flags.DEFINE_enum("inner_adapt", "all", list(maml.ADAPT),
+flags.DEFINE_enum("inner_adapt", _META.inner_adapt, list(maml.ADAPT),
                   "Parameters the inner loop adapts: all; no_norm (norm scale/offset only "
                   "meta-learned, as in the original code); head (ANIL).")
-flags.DEFINE_integer("msl_iterations", 0, "MAML++ multi-step loss: weight the query loss "
+flags.DEFINE_integer("msl_iterations", _META.msl_iterations, "MAML++ multi-step loss: weight the query loss "
                      "after every inner step, annealing towards the last step over this many "
                      "iterations (0: off).", lower_bound=0)
-flags.DEFINE_integer("first_order_iterations", 0, "MAML++ derivative-order annealing: first "
+flags.DEFINE_integer("first_order_iterations", _META.first_order_iterations, "MAML++ derivative-order annealing: first "
                      "order for this many iterations, then second order.", lower_bound=0)
-flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate of the meta-update.", lower_bound=0.0)
-flags.DEFINE_enum("meta_lr_schedule", "constant", ["constant", "cosine"],
+flags.DEFINE_float("meta_lr", _ADAM.learning_rate, "Adam learning rate of the meta-update.", lower_bound=0.0)
+flags.DEFINE_enum("meta_lr_schedule", _ADAM.schedule, ["constant", "cosine"],
                   "cosine: MAML++'s annealing from --meta_lr to --min_meta_lr over "
                   "--num_iterations.")
-flags.DEFINE_float("min_meta_lr", 1e-5, "Final meta learning rate of the cosine schedule.",
+flags.DEFINE_float("min_meta_lr", _ADAM.min_learning_rate, "Final meta learning rate of the cosine schedule.",
                    lower_bound=0.0)
-flags.DEFINE_float("clip_value", 0.0, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
+flags.DEFINE_float("clip_value", _ADAM.clip_value, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
                    "MiniImagenet); 0 disables.", lower_bound=0.0)
 
 # --- meta-reinforcement learning (--dataset=rl) ---
@@ -112,12 +115,12 @@ flags.DEFINE_integer("horizon", 0, "Episode length (0: the task family's: 100 na
 flags.DEFINE_float("gamma", 0.99, "Discount.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("gae_lambda", 1.0, "GAE lambda.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_enum("outer_optimizer", "trpo", ["trpo", "adam"], "Meta-optimizer for RL.")
-flags.DEFINE_float("max_kl", 0.01, "TRPO KL bound.", lower_bound=0.0)
-flags.DEFINE_integer("cg_iters", 10, "TRPO conjugate-gradient iterations.", lower_bound=1)
-flags.DEFINE_float("cg_damping", 1e-5, "TRPO damping added to the Fisher-vector products.",
+flags.DEFINE_float("max_kl", _TRPO.max_kl, "TRPO KL bound.", lower_bound=0.0)
+flags.DEFINE_integer("cg_iters", _TRPO.cg_iters, "TRPO conjugate-gradient iterations.", lower_bound=1)
+flags.DEFINE_float("cg_damping", _TRPO.cg_damping, "TRPO damping added to the Fisher-vector products.",
                    lower_bound=0.0)
-flags.DEFINE_integer("ls_max_steps", 15, "TRPO line-search halvings.", lower_bound=1)
-flags.DEFINE_float("ls_backtrack_ratio", 0.5, "TRPO line-search step ratio.", lower_bound=0.0,
+flags.DEFINE_integer("ls_max_steps", _TRPO.ls_max_steps, "TRPO line-search halvings.", lower_bound=1)
+flags.DEFINE_float("ls_backtrack_ratio", _TRPO.ls_backtrack_ratio, "TRPO line-search step ratio.", lower_bound=0.0,
                    upper_bound=1.0)
 flags.DEFINE_integer("num_workers", 0, "Rollout worker processes (0: in-process).",
                      lower_bound=0)
@@ -160,18 +163,19 @@ flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism (bitwise-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+  """How long and how often; no defaults here: the flags' are the only ones."""
   model_dir: Path
-  mode: str = "train_eval"
-  num_iterations: int = 60000
-  eval_every: int = 1000
-  val_episodes: int = 300
-  eval_episodes: int = 600
-  eval_split: str = "test"
-  eval_checkpoint: str = "best"
-  checkpoint_every: int = 1000
-  log_every: int = 100
-  steps_per_loop: int = 10
-  seed: int = 0
+  mode: str
+  num_iterations: int
+  eval_every: int
+  val_episodes: int
+  eval_episodes: int
+  eval_split: str
+  eval_checkpoint: str
+  checkpoint_every: int
+  log_every: int
+  steps_per_loop: int
+  seed: int
 
 
 def default_model_dir(flagfile: str | None) -> Path:
@@ -190,43 +194,62 @@ def flagfile_of(argv: list[str]) -> str | None:
   return found
 
 
-def model_config(image_shape: tuple, n_way: int) -> models.ModelConfig:
-  slots = FLAGS.inner_steps + 1  # forward passes after 0..S inner updates
-  common = dict(hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes), norm=FLAGS.norm,
-                norm_scale=FLAGS.norm_scale, head_init=FLAGS.head_init,
-                param_slots=slots if FLAGS.per_step_bn_params else 0,
-                stat_slots={"none": 0, "shared": 1, "per_step": slots}[FLAGS.bn_running_stats])
-  if FLAGS.dataset == "sinusoid":
+# Below, ``values`` is ``FLAGS.flag_values_dict()``: only trainer/main.py (and the export's
+# fallback for old runs) reads the flags; these translations are pure.
+
+
+def model_config(values: dict, image_shape: tuple | None) -> models.ModelConfig:
+  slots = values["inner_steps"] + 1  # forward passes after 0..S inner updates
+  common = dict(hidden_sizes=tuple(int(h) for h in values["hidden_sizes"]), norm=values["norm"],
+                norm_scale=values["norm_scale"], head_init=values["head_init"],
+                param_slots=slots if values["per_step_bn_params"] else 0,
+                stat_slots={"none": 0, "shared": 1, "per_step": slots}[
+                    values["bn_running_stats"]])
+  if values["dataset"] == "sinusoid":
     return models.ModelConfig("mlp", (1,), 1, **common)
-  return models.ModelConfig(FLAGS.model, tuple(image_shape), n_way, num_filters=FLAGS.num_filters,
-                            downsample=FLAGS.downsample, features=FLAGS.features, **common)
+  return models.ModelConfig(values["model"], tuple(image_shape), values["n_way"],
+                            num_filters=values["num_filters"], downsample=values["downsample"],
+                            features=values["features"], **common)
 
 
-def meta_config() -> maml.MetaConfig:
-  return maml.MetaConfig(inner_steps=FLAGS.inner_steps, inner_lr=FLAGS.inner_lr,
-                         first_order=FLAGS.first_order, learn_inner_lr=FLAGS.learn_inner_lr,
-                         per_step_inner_lr=FLAGS.per_step_inner_lr,
-                         loss="mse" if FLAGS.dataset == "sinusoid" else "softmax",
-                         loss_reduction=FLAGS.loss_reduction, inner_adapt=FLAGS.inner_adapt,
-                         msl_iterations=FLAGS.msl_iterations,
-                         first_order_iterations=FLAGS.first_order_iterations)
+def meta_config(values: dict) -> maml.MetaConfig:
+  return maml.MetaConfig(
+      inner_steps=values["inner_steps"], inner_lr=values["inner_lr"],
+      first_order=values["first_order"], learn_inner_lr=values["learn_inner_lr"],
+      per_step_inner_lr=values["per_step_inner_lr"],
+      loss="mse" if values["dataset"] == "sinusoid" else "softmax",
+      loss_reduction=values["loss_reduction"], inner_adapt=values["inner_adapt"],
+      msl_iterations=values["msl_iterations"],
+      first_order_iterations=values["first_order_iterations"])
 
 
-def adam_config() -> optim.AdamConfig:
-  return optim.AdamConfig(learning_rate=FLAGS.meta_lr, clip_value=FLAGS.clip_value,
-                          schedule=FLAGS.meta_lr_schedule, min_learning_rate=FLAGS.min_meta_lr,
-                          decay_steps=FLAGS.num_iterations)
+def adam_config(values: dict) -> optim.AdamConfig:
+  return optim.AdamConfig(learning_rate=values["meta_lr"], clip_value=values["clip_value"],
+                          schedule=values["meta_lr_schedule"],
+                          min_learning_rate=values["min_meta_lr"],
+                          decay_steps=values["num_iterations"])
 
 
-def run_config() -> RunConfig:
+def flag_names() -> list[str]:
+  """The trainer's flags (absl's own are not among them)."""
+  return [f.name for f in FLAGS.get_flags_for_module(sys.modules[__name__])]
+
+
+def default_values() -> dict:
+  """Every trainer flag's default: the ``values`` of a command line that sets nothing (for
+  benchmarks and tests that build configs without parsing one)."""
+  return {f.name: f.default for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+
+
+def eval_inner_steps(values: dict) -> int:
+  return values["eval_inner_steps"] or values["inner_steps"]
+
+
+def run_config(values: dict, argv: list[str]) -> RunConfig:
   return RunConfig(
-      model_dir=(Path(FLAGS.model_dir) if FLAGS.model_dir
-                 else default_model_dir(flagfile_of(sys.argv))),
-      mode=FLAGS.mode, num_iterations=FLAGS.num_iterations, eval_every=FLAGS.eval_every,
-      val_episodes=FLAGS.val_episodes, eval_episodes=FLAGS.eval_episodes,
-      eval_split=FLAGS.eval_split, eval_checkpoint=FLAGS.eval_checkpoint,
-      checkpoint_every=FLAGS.checkpoint_every,
-      log_every=FLAGS.log_every, steps_per_loop=FLAGS.steps_per_loop, seed=FLAGS.seed)
+      model_dir=(Path(values["model_dir"]) if values["model_dir"]
+                 else default_model_dir(flagfile_of(argv))),
+      **{f.name: values[f.name] for f in dataclasses.fields(RunConfig) if f.name != "model_dir"})
 
 
 RUN_RECORD_VERSION = 1
@@ -248,20 +271,20 @@ def code_version() -> str:
       return "unknown"
 
 
-def run_record(model: models.ModelConfig | None = None, meta: maml.MetaConfig | None = None,
-               manifest: dict | None = None) -> dict:
+def run_record(values: dict, model: models.ModelConfig | None = None,
+               meta: maml.MetaConfig | None = None, manifest: dict | None = None) -> dict:
   """What defines a run, written once to ``<model_dir>/config.json``.
 
   Besides every flag's value, the resolved model and meta-learning configs and the records'
   image spec: enough for :mod:`trainer.export` to rebuild the model without the flags.
   """
-  this_module = sys.modules[__name__]
+  names = set(flag_names())
   record = {
       "schema_version": RUN_RECORD_VERSION,
       "code_version": code_version(),
-      "dataset": FLAGS.dataset,
-      "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(this_module)},
-      "eval_inner_steps": FLAGS.eval_inner_steps or FLAGS.inner_steps,
+      "dataset": values["dataset"],
+      "flags": {k: v for k, v in values.items() if k in names},
+      "eval_inner_steps": eval_inner_steps(values),
   }
   if model is not None:
     record["model"] = dataclasses.asdict(model)

@@ -73,12 +73,13 @@ def load_run_record(model_dir: Path, from_flags: bool) -> dict:
     raise ExportError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started "
                       f"before the trainer wrote one); pass the flags it was trained with, e.g. "
                       f"--flagfile=configs/<name>.cfg --data_dir=<records>")
-  from trainer import main as trainer_main  # the trainer's own resolution of its flags
-  if FLAGS.dataset not in ("omniglot", "miniimagenet"):
-    raise ExportError(f"--dataset={FLAGS.dataset}: only image classifiers can be exported")
-  task = trainer_main.build_task()
-  model = config.model_config(task.image_shape, FLAGS.n_way)
-  return config.run_record(model, config.meta_config(), task.manifest)
+  from trainer import supervised  # the trainer's own resolution of its flags
+  values = {name: FLAGS[name].value for name in config.flag_names()}
+  if values["dataset"] not in ("omniglot", "miniimagenet"):
+    raise ExportError(f"--dataset={values['dataset']}: only image classifiers can be exported")
+  task = supervised.image_task(values)
+  model = config.model_config(values, task.image_shape)
+  return config.run_record(values, model, config.meta_config(values), task.manifest)
 
 
 def choose_checkpoint(model_dir: Path, which: str) -> tuple[str, int]:

@@ -1,7 +1,7 @@
 """The training controller: resume, compiled loops, validation, checkpoints, logs, preemption.
 
-Task- and strategy-agnostic (Orbit's split): it drives a :class:`trainer.learner.MetaLearner`
-with datasets from a task object and never looks inside a batch.
+Task- and strategy-agnostic (Orbit's split): it drives any :class:`trainer.family.Learner`
+with data from a :class:`trainer.family.Task` and never looks inside a batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from pipeline import streams
 from trainer import distribute, evaluation
 from trainer import model_dir as guard
 from trainer.config import RunConfig
@@ -128,19 +127,10 @@ class _Logs:
       self.jsonl.close()
 
 
-def _distributed(strategy, task, make):
-  """tf.data tasks are spread over replicas; host-side ones (RL's task lists) are used as is."""
-  if getattr(task, "host_side", False):
-    return make(streams.Sharding())
-  return strategy.distribute_datasets_from_function(
-      lambda ctx: make(streams.Sharding.from_input_context(ctx)))
-
-
 def run_evaluation(learner, task, split: str, episodes: int) -> dict:
-  ds = _distributed(learner.strategy, task,
-                    lambda sharding: task.eval_dataset(split, episodes, sharding))
-  losses, metrics = learner.evaluate(ds)
+  losses, metrics = learner.evaluate(task.eval_data(learner.strategy, split, episodes))
   return evaluation.summarize(task.metric, split, metrics, losses,
+                              t_interval=getattr(task, "small_sample", False),
                               step=int(learner.step.numpy()))
 
 
@@ -180,7 +170,7 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
       guard.purge_tensorboard(cfg.model_dir / "tb", step)
   best_path = cfg.model_dir / "best.json"
   best = json.loads(best_path.read_text()) if best_path.exists() else None
-  iterator = iter(_distributed(strategy, task, lambda s: task.train_dataset(s, step)))
+  iterator = iter(task.train_data(strategy, step))
   logs = _Logs(cfg.model_dir, chief, cfg.num_iterations, step)
   status = "finished"
   cluster = (_ClusterPreemption(strategy, manager)

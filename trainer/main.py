@@ -1,12 +1,13 @@
 """Meta-train and meta-test MAML: ``python -m trainer.main --flagfile=configs/<name>.cfg``.
 
-Deliberately thin: flags -> config objects -> task, strategy and learner -> train / evaluate.
+Deliberately thin: flags -> the task family's factory (trainer/family.py) -> the model_dir's
+and the data's checks -> train / evaluate (trainer/loop.py). No family's internals are imported
+here: RL's (and its gymnasium/MuJoCo extra) only when --dataset=rl is chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 
@@ -15,57 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from pipeline import paths  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
-from trainer import config, distribute, evaluation, learner, loop, tasks  # noqa: E402
+from trainer import config, distribute, evaluation, family, loop  # noqa: E402
 from trainer import model_dir as guard  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-
-def build_task():
-  eval_k_query = FLAGS.eval_k_query or FLAGS.k_query
-  eval_batch = FLAGS.eval_batch_size or FLAGS.meta_batch_size
-  if FLAGS.dataset == "sinusoid":
-    return tasks.SinusoidRegression(FLAGS.k_shot, FLAGS.k_query, eval_k_query,
-                                    FLAGS.meta_batch_size, eval_batch, FLAGS.seed)
-  data_dir = FLAGS.data_dir or str(paths.default_records_dir(FLAGS.dataset))
-  task = tasks.FewShotClassification(data_dir, FLAGS.n_way, FLAGS.k_shot, FLAGS.k_query,
-                                     eval_k_query, FLAGS.meta_batch_size, eval_batch,
-                                     FLAGS.seed)
-  if task.manifest["dataset"] != FLAGS.dataset:
-    raise DataError(f"--data_dir={data_dir} holds {task.manifest['dataset']!r} records, "
-                    f"not --dataset={FLAGS.dataset}")
-  return task
-
-
-def build_rl(strategy):
-  """Task and learner for --dataset=rl (imported lazily: gymnasium and MuJoCo are an extra)."""
-  from rl import envs, learner as rl_learner, maml_rl, policies, sampler, task as rl_task
-  if FLAGS.env not in envs.ENVS:
-    raise DataError(f"--env={FLAGS.env}: unknown (known: {', '.join(sorted(envs.ENVS))})")
-  horizon = FLAGS.horizon or envs.horizon(FLAGS.env)
-  try:
-    env_kwargs = json.loads(FLAGS.env_kwargs)
-  except json.JSONDecodeError as e:
-    raise DataError(f"--env_kwargs={FLAGS.env_kwargs}: not JSON ({e})") from None
-  if not isinstance(env_kwargs, dict):
-    raise DataError(f"--env_kwargs={FLAGS.env_kwargs}: must be a JSON object")
-  vector = sampler.VectorSampler(FLAGS.env, FLAGS.meta_batch_size * FLAGS.rollouts_per_task,
-                                 FLAGS.num_workers, env_kwargs)
-  policy = policies.PolicyConfig("categorical" if vector.discrete else "gaussian",
-                                 vector.obs_dim, vector.action_dim,
-                                 tuple(int(h) for h in FLAGS.hidden_sizes))
-  cfg = rl_learner.RLConfig(
-      env=FLAGS.env, meta_batch_size=FLAGS.meta_batch_size,
-      rollouts_per_task=FLAGS.rollouts_per_task, horizon=horizon, inner_lr=FLAGS.inner_lr,
-      inner_steps=FLAGS.inner_steps, eval_inner_steps=FLAGS.eval_inner_steps or 3,
-      first_order=FLAGS.first_order, gamma=FLAGS.gamma, gae_lambda=FLAGS.gae_lambda,
-      outer_optimizer=FLAGS.outer_optimizer, meta_lr=FLAGS.meta_lr,
-      trpo=maml_rl.TRPOConfig(FLAGS.max_kl, FLAGS.cg_iters, FLAGS.cg_damping,
-                              FLAGS.ls_max_steps, FLAGS.ls_backtrack_ratio))
-  task = rl_task.MetaRLTask(vector, FLAGS.meta_batch_size, FLAGS.seed)
-  return task, rl_learner.RLMetaLearner(strategy, cfg, policy, vector, seed=FLAGS.seed)
 
 
 def main(argv):
@@ -109,52 +64,31 @@ def one_line(error: BaseException) -> str:
 
 
 def run() -> int:
-  """Builds everything, checks the model_dir and the data, then trains and/or evaluates."""
-  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
-  if FLAGS.dataset == "rl":
-    task, meta_learner = build_rl(strategy)
-    jit = False
-  else:
-    task, meta_learner, jit = build_supervised(strategy)
-  run_cfg = config.run_config()
+  """Builds the chosen family, checks the model_dir and the data, then trains/evaluates."""
+  names = config.flag_names()
+  values = {name: FLAGS[name].value for name in names}
+  chosen = family.family_of(values["dataset"])
+  family.refuse_inapplicable(chosen, {name for name in names if FLAGS[name].present})
+  strategy = distribute.make_strategy(values["strategy"], values["tpu"])
+  built = chosen.build(values, strategy)
+  task, meta_learner = built.task, built.learner
+  run_cfg = config.run_config(values, sys.argv)
   if run_cfg.eval_split not in task.splits:
     raise DataError(f"--eval_split={run_cfg.eval_split}: not a split of this task "
                     f"({', '.join(task.splits)})")
-  record = config.run_record(getattr(meta_learner, "model", None),
-                             getattr(meta_learner, "meta", None),
-                             getattr(task, "manifest", None))
-  guard.check_run_record(run_cfg.model_dir, record)
+  guard.check_run_record(run_cfg.model_dir, built.record)
   training = run_cfg.mode in ("train", "train_eval")
   evaluating = run_cfg.mode in ("eval", "train_eval")
   if hasattr(task, "check_data"):
     needed = (["train", "val"] if training else []) + ([run_cfg.eval_split] if evaluating else [])
-    task.check_data(list(dict.fromkeys(needed)), sha256=FLAGS.verify_records)
+    task.check_data(list(dict.fromkeys(needed)), sha256=values.get("verify_records", False))
   logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
-               type(strategy).__name__, strategy.num_replicas_in_sync, jit)
+               type(strategy).__name__, strategy.num_replicas_in_sync, built.jit_compile)
   # One process writes a model_dir at a time (under multi-worker, the chief writes it).
   lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy)
           else contextlib.nullcontext())
   with lock:
-    return execute(task, meta_learner, run_cfg, record)
-
-
-def build_supervised(strategy):
-  task = build_task()
-  replicas = strategy.num_replicas_in_sync
-  for name in ("meta_batch_size", "eval_batch_size"):
-    value = getattr(FLAGS, name) or FLAGS.meta_batch_size
-    if value % replicas:
-      raise DataError(f"--{name}={value} is not divisible by the {replicas} replicas")
-  model = config.model_config(getattr(task, "image_shape", None), FLAGS.n_way)
-  jit = {"true": True, "false": False}.get(FLAGS.jit_compile,
-                                           distribute.default_jit_compile(model.kind))
-  meta_learner = learner.MetaLearner(
-      strategy, model, config.meta_config(), config.adam_config(), seed=FLAGS.seed,
-      meta_batch_size=FLAGS.meta_batch_size,
-      eval_inner_steps=FLAGS.eval_inner_steps or FLAGS.inner_steps, jit_compile=jit,
-      eval_batch_size=FLAGS.eval_batch_size,
-      eval_running_stats=FLAGS.eval_norm_stats == "running")
-  return task, meta_learner, jit
+    return execute(task, meta_learner, run_cfg, built.record)
 
 
 def execute(task, meta_learner, run_cfg, record: dict | None = None) -> int:

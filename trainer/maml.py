@@ -136,20 +136,36 @@ def step_rates(meta: MetaConfig, params: dict, lrs: dict | None, step: int) -> d
   return {k: tf.constant(meta.inner_lr, params[k].dtype) for k in keys}
 
 
-def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
-                 ctx: models.ForwardContext | None = None):
-  """One adaptation step of every task; returns (new fast params, support loss, metric)."""
-  scale = loss_scale(cfg, meta, 1, 1)  # the support set itself: N, whatever its size
+def sgd_step(fast: dict, total_loss, rates: dict, *, first_order: bool):
+  """One inner SGD step of every task at once, shared by supervised MAML and MAML-RL.
+
+  ``total_loss(fast) -> (scalar, aux)`` sums the tasks' losses, so differentiating it gives
+  each task's own gradient w.r.t. its copy (task b's loss depends on copy b only). Only the
+  keys of ``rates`` move; ``first_order`` stops the gradient from being differentiated again.
+  Returns ``(new fast parameters, aux)``.
+  """
   with tf.GradientTape() as tape:
     watched = {k: fast[k] for k in rates}
     tape.watch(list(watched.values()))
-    losses, metric = task_losses(cfg, meta, fast, x, y, ctx)
-    total = tf.reduce_sum(losses) * scale
+    total, aux = total_loss(fast)
   grads = tape.gradient(total, watched)
   if first_order:
     grads = {k: tf.stop_gradient(g) for k, g in grads.items()}
   new = dict(fast)
   new.update({k: fast[k] - rates[k] * grads[k] for k in rates})
+  return new, aux
+
+
+def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
+                 ctx: models.ForwardContext | None = None):
+  """One adaptation step of every task; returns (new fast params, support loss, metric)."""
+  scale = loss_scale(cfg, meta, 1, 1)  # the support set itself: N, whatever its size
+
+  def total(params):
+    losses, metric = task_losses(cfg, meta, params, x, y, ctx)
+    return tf.reduce_sum(losses) * scale, (losses, metric)
+
+  new, (losses, metric) = sgd_step(fast, total, rates, first_order=first_order)
   return new, losses, metric
 
 

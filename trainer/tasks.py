@@ -12,7 +12,13 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipeline import episodes, sinusoid, streams
-from pipeline.errors import DataError
+
+
+def distributed(strategy: tf.distribute.Strategy, make) -> tf.distribute.DistributedDataset:
+  """``make(sharding)``'s dataset spread over the strategy's replicas (one pipeline per
+  worker, each feeding its replicas their shares of every global batch)."""
+  return strategy.distribute_datasets_from_function(
+      lambda ctx: make(streams.Sharding.from_input_context(ctx)))
 
 
 def _rename(batch: dict, kind: str) -> dict:
@@ -37,7 +43,6 @@ class FewShotClassification:
   eval_batch_size: int
   seed: int
   metric = "accuracy"
-  loss = "softmax"
   higher_is_better = True
 
   def __post_init__(self):
@@ -45,15 +50,10 @@ class FewShotClassification:
     shape = tuple(self.manifest["image_shape"])
     self.image_shape = shape
     for split, info in self.manifest["splits"].items():
-      if self.n_way > info["num_classes"]:
-        raise DataError(f"--n_way={self.n_way}: split {split!r} of {self.data_dir} has only "
-                        f"{info['num_classes']} classes")
-      need = self.k_shot + (self.k_query if split == "train" else self.eval_k_query)
-      smallest = min(info["classes"], key=lambda c: c["count"])
-      if smallest["count"] < need:
-        raise DataError(f"--k_shot + --{'k_query' if split == 'train' else 'eval_k_query'} = "
-                        f"{need}: class {smallest['name']} of split {split!r} has only "
-                        f"{smallest['count']} images")
+      train = split == "train"
+      episodes.check_episodes_fit(
+          split, [(c["name"], c["count"]) for c in info["classes"]], self.n_way, self.k_shot,
+          self.k_query if train else self.eval_k_query, "k_query" if train else "eval_k_query")
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -63,6 +63,12 @@ class FewShotClassification:
     """Before the first step: the shards of ``splits`` are whole (and hash right)."""
     for split in splits:
       episodes.verify_split(self.data_dir, split, sha256=sha256)
+
+  def train_data(self, strategy, start_step: int):
+    return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
+
+  def eval_data(self, strategy, split: str, episodes_: int):
+    return distributed(strategy, lambda sharding: self.eval_dataset(split, episodes_, sharding))
 
   def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
     data = episodes.load_split(self.data_dir, "train")
@@ -88,9 +94,14 @@ class SinusoidRegression:
   eval_batch_size: int
   seed: int
   metric = "mse"
-  loss = "mse"
   higher_is_better = False
   splits = ("val", "test")  # two fixed task streams; training draws fresh tasks
+
+  def train_data(self, strategy, start_step: int):
+    return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
+
+  def eval_data(self, strategy, split: str, episodes_: int):
+    return distributed(strategy, lambda sharding: self.eval_dataset(split, episodes_, sharding))
 
   def train_dataset(self, sharding: streams.Sharding, start_step: int) -> tf.data.Dataset:
     spec = sinusoid.SinusoidSpec(self.k_shot, self.k_query, self.meta_batch_size)

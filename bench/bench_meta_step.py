@@ -2,7 +2,7 @@
 """Meta-step benchmark: seconds per step, tasks/s, compile time and peak memory, as JSON lines.
 
   python bench/bench_meta_step.py                                 # graph mode, both orders
-  python bench/bench_meta_step.py --jit_compile=false,true --cases=omniglot_5w1s,sinusoid
+  python bench/bench_meta_step.py --jit=false,true --cases=omniglot_5w1s,sinusoid_5shot
   python bench/bench_meta_step.py --records=data/records/omniglot  # + the real training loop
 
 Each (case, order, jit) runs in a fresh subprocess so that its peak memory (GPU peak, or the
@@ -27,28 +27,58 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "mini_5w5s",
-                            "sinusoid"], "Which cases to run.")
+                            "sinusoid_5shot", "peer_omniglot_5w1s_q15", "peer_mini_5w1s_q15"],
+                  "Cases: any configs/<name>.cfg that is not RL (its own shapes, model and "
+                  "meta-learning settings), or a fixed peer-comparison shape (peer_*).")
 flags.DEFINE_list("orders", ["second", "first"], "MAML orders to run.")
-flags.DEFINE_list("jit_compile", ["false"], "XLA settings to run (false,true). XLA on a CPU "
+flags.DEFINE_list("jit", ["false"], "XLA settings to run (false,true). XLA on a CPU "
                   "takes minutes per conv case.")
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up/compile step).")
 flags.DEFINE_string("records", None, "Omniglot records: also time the learner's training loop "
                     "fed by the real sampler (5w1s, 15 query, meta-batch 32).")
 flags.DEFINE_string("single", None, "Internal: run one case as 'case,order,jit'.")
 
-# case: (model kwargs, n_way, k_shot, k_query, meta-batch, inner steps, inner lr)
-CASES = {
-    "omniglot_5w1s": (dict(kind="conv4", input_shape=(28, 28, 1), num_filters=64,
-                           downsample="stride", features="mean"), 5, 1, 15, 32, 1, 0.4),
-    "omniglot_20w1s": (dict(kind="conv4", input_shape=(28, 28, 1), num_filters=64,
-                            downsample="stride", features="mean"), 20, 1, 1, 16, 5, 0.1),
-    "mini_5w1s": (dict(kind="conv4", input_shape=(84, 84, 3), num_filters=32,
-                       downsample="maxpool", features="flatten"), 5, 1, 15, 4, 5, 0.01),
-    "mini_5w5s": (dict(kind="conv4", input_shape=(84, 84, 3), num_filters=32,
-                       downsample="maxpool", features="flatten"), 5, 5, 15, 2, 5, 0.01),
-    "sinusoid": (dict(kind="mlp", input_shape=(1,), hidden_sizes=(40, 40), norm="none"),
-                 1, 10, 10, 25, 1, 0.01),
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+# The shapes public MAML peers were compared at (README "Measured"): the paper's architecture,
+# 15 query images per class. Overrides of the named config's flags.
+PEERS = {
+    "peer_omniglot_5w1s_q15": ("omniglot_5w1s", {"k_query": 15, "meta_batch_size": 32,
+                                                 "inner_steps": 1}),
+    "peer_mini_5w1s_q15": ("mini_5w1s", {"k_query": 15, "meta_batch_size": 4,
+                                         "inner_steps": 5}),
 }
+
+
+def flagfile_values(name: str) -> dict:
+  """A config's flag values over the trainer's defaults (nested --flagfile lines followed)."""
+  from trainer import config
+  values = config.default_values()
+
+  def read(path):
+    for line in open(path):
+      line = line.strip()
+      if not line.startswith("--"):
+        continue
+      key, _, raw = line[2:].partition("=")
+      if key == "flagfile":
+        read(os.path.join(CONFIGS, "..", raw))
+      elif raw or key in values:
+        values[key] = FLAGS[key].parser.parse(raw) if raw else True
+      else:  # --noname
+        values[key[2:]] = False
+
+  read(os.path.join(CONFIGS, f"{name}.cfg"))
+  return values
+
+
+def case_values(case: str) -> dict:
+  if case in PEERS:
+    base, overrides = PEERS[case]
+    return dict(flagfile_values(base), **overrides)
+  values = flagfile_values(case)
+  if values["dataset"] == "rl":
+    raise ValueError(f"{case}: RL has its own benchmark (bench/bench_rl.py)")
+  return values
 
 
 def peak_memory_mb(tf) -> tuple[float, str]:
@@ -61,14 +91,20 @@ def run_single(spec: str) -> dict:
   import functools
   import numpy as np
   import tensorflow as tf
-  from trainer import maml, models
+  import dataclasses
+  from trainer import config, maml, models
   case, order, jit = spec.split(",")
-  model_kwargs, n, k, q, batch, steps, lr = CASES[case]
-  is_regression = model_kwargs["kind"] == "mlp"
-  cfg = models.ModelConfig(num_outputs=1 if is_regression else n, **model_kwargs)
-  meta = maml.MetaConfig(inner_steps=steps, inner_lr=lr, first_order=order == "first",
-                         loss="mse" if is_regression else "softmax")
+  values = case_values(case)
+  shape = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}.get(values["dataset"])
+  cfg = config.model_config(values, shape)
+  meta = dataclasses.replace(config.meta_config(values), first_order=order == "first")
+  is_regression = cfg.kind == "mlp"
+  n = 1 if is_regression else values["n_way"]
+  k, q, batch, steps = (values["k_shot"], values["k_query"], values["meta_batch_size"],
+                        meta.inner_steps)
   params = {key: tf.constant(v) for key, v in models.init_params(cfg, 0).items()}
+  lrs = {key: tf.constant(np.full(s, meta.inner_lr, np.float32))
+         for key, s in maml.learned_rate_shapes(meta, params).items()} or None
   rng = np.random.default_rng(0)
   if is_regression:
     x = lambda m: tf.constant(rng.uniform(-5, 5, (batch, m, 1)), tf.float32)
@@ -83,12 +119,12 @@ def run_single(spec: str) -> dict:
   step = tf.function(functools.partial(maml.meta_gradients, cfg, meta, global_batch=batch),
                      jit_compile=jit == "true")
   start = time.perf_counter()
-  tf.nest.map_structure(lambda t: t.numpy(), step(params, None, inputs))
+  tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
   compile_s = time.perf_counter() - start
   times = []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), step(params, None, inputs))
+    tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
     times.append(time.perf_counter() - start)
   memory, kind = peak_memory_mb(tf)
   median = float(np.median(times))
@@ -96,7 +132,8 @@ def run_single(spec: str) -> dict:
           "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
           "k_query": q, "seconds_per_step": round(median, 4),
           "tasks_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),
-          f"{kind}_mb": round(memory, 1), "device": device(tf)}
+          "max_rss_mb" if kind == "max_rss" else "gpu_peak_mb": round(memory, 1),
+          "device": device(tf)}
 
 
 def device(tf) -> str:
@@ -139,7 +176,7 @@ def main(_):
     return
   for case in FLAGS.cases:
     for order in FLAGS.orders:
-      for jit in FLAGS.jit_compile:
+      for jit in FLAGS.jit:
         result = subprocess.run(
             [sys.executable, __file__, f"--single={case},{order},{jit}",
              f"--steps={FLAGS.steps}"], capture_output=True, text=True)

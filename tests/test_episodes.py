@@ -140,7 +140,7 @@ def test_impossible_specs_are_rejected_naming_the_value():
   data = numbered_split(COUNTS)
   with pytest.raises(DataError, match="n_way=9: split 'synthetic' has only 8 classes"):
     episodes.meta_batches(data, EpisodeSpec(9, 1, 1, 2), seed=0)
-  with pytest.raises(DataError, match="k_shot \\+ k_query = 6: class 'c1'"):
+  with pytest.raises(DataError, match="--k_shot \\+ --k_query = 6: class c1 "):
     episodes.meta_batches(data, EpisodeSpec(2, 3, 3, 2), seed=0)
   with pytest.raises(DataError, match="k_shot=0"):
     EpisodeSpec(5, 0, 1, 1)

@@ -39,7 +39,8 @@ def directional_fd(fn, params, direction, eps=1e-7):
   return (float(fn(plus)) - float(fn(minus))) / (2 * eps)
 
 
-@pytest.mark.parametrize("norm,steps", [("none", 1), ("none", 3), ("batch_norm", 2)])
+@pytest.mark.parametrize("norm,steps", [("none", 1), ("none", 3), ("batch_norm", 2),
+                                        ("layer_norm", 2)])
 def test_second_order_meta_gradient_matches_finite_differences(norm, steps):
   cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(16, 16), norm=norm)
   meta = maml.MetaConfig(inner_steps=steps, inner_lr=0.05, loss="mse")
@@ -170,4 +171,49 @@ def test_evaluation_reports_every_step_starting_unadapted():
   loss0, acc0 = maml.task_losses(cfg, meta, maml.tile(params, 2), batch["query_x"], batch["query_y"])
   np.testing.assert_allclose(losses[0], loss0, rtol=1e-6)
   np.testing.assert_allclose(metrics[0], acc0)
-  assert float(tf.reduce_mean(losses[3])) != float(tf.reduce_mean(losses[0]))
+
+
+def test_evaluation_steps_lower_the_loss_of_the_examples_adapted_on():
+  """Small gradient steps on the support set must lower each task's loss on that same set."""
+  cfg = models.ModelConfig("conv4", (28, 28, 1), 3, num_filters=8)
+  meta = maml.MetaConfig(inner_steps=1, inner_lr=0.05)
+  params = as_tensors(models.init_params(cfg, 5))
+  batch = classification_batch(cfg, tasks=2, k=2, q=2)
+  batch = dict(batch, query_x=batch["support_x"], query_y=batch["support_y"])
+  losses, _ = maml.evaluate(cfg, meta, params, None, batch, steps=3)
+  losses = losses.numpy()
+  assert np.all(np.diff(losses, axis=0) < 0), losses
+
+
+def test_conv4_meta_step_under_xla_equals_the_graph_step():
+  """jit_compile=True is the GPU/TPU default: on tiny shapes its meta-gradient equals the
+  graph step's (the CPU default)."""
+  cfg = models.ModelConfig("conv4", (8, 8, 1), 2, num_filters=4)
+  meta = maml.MetaConfig(inner_steps=2, inner_lr=0.1)
+  params = as_tensors(models.init_params(cfg, 2))
+  batch = classification_batch(cfg, tasks=2, n_way=2, k=1, q=2)
+  step = functools.partial(maml.meta_gradients, cfg, meta, global_batch=2)
+  graph, _ = tf.function(step)(params, None, batch)
+  xla, _ = tf.function(step, jit_compile=True)(params, None, batch)
+  for k in params:
+    # float32 sums reordered by XLA: differences ~1e-5 measured; a wrong term is O(0.1).
+    np.testing.assert_allclose(xla[k], graph[k], rtol=2e-3, atol=1e-4, err_msg=k)
+
+
+def test_adam_with_clipping_matches_tensorflows_v1_adam_on_clipped_gradients():
+  """The original code's meta-optimizer: tf.compat.v1.train.AdamOptimizer after
+  tf.clip_by_value of each gradient (MiniImagenet's clip 10)."""
+  from trainer import optim
+  rng = np.random.default_rng(0)
+  init = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+  ours = {k: tf.Variable(v) for k, v in init.items()}
+  ref = {k: tf.Variable(v) for k, v in init.items()}
+  adam = optim.Adam(optim.AdamConfig(learning_rate=0.01, clip_value=10.0), ours)
+  reference = tf.compat.v1.train.AdamOptimizer(0.01, epsilon=1e-8)
+  for _ in range(5):
+    grads = {k: tf.constant(rng.normal(scale=20.0, size=v.shape), tf.float32) for k, v in init.items()}
+    adam.apply(ours, grads)
+    reference.apply_gradients([(tf.clip_by_value(grads[k], -10.0, 10.0), ref[k]) for k in ref])
+  for k in init:
+    np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ours[k].numpy(), init[k])

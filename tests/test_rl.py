@@ -270,8 +270,21 @@ def test_categorical_policy_log_probs_and_kl():
   logp = policies.log_prob(cfg, params, obs, tf.constant([[0, 2]]))
   log_softmax = tf.nn.log_softmax(logits).numpy()[0]
   np.testing.assert_allclose(logp.numpy()[0], [log_softmax[0, 0], log_softmax[1, 2]], rtol=1e-6)
-  dist = policies.distribution(cfg, params, obs)
-  np.testing.assert_allclose(policies.kl(cfg, dist, dist), 0.0, atol=1e-7)
+  other = {"logits": tf.constant([[[0.3, -1.0, 2.0], [1.0, 1.0, 0.0]]])}
+  p, q = (tf.nn.softmax(d["logits"]).numpy() for d in (other, {"logits": logits}))
+  expected = np.sum(p * (np.log(p) - np.log(q)), axis=-1)  # KL(other || policy)
+  np.testing.assert_allclose(policies.kl(cfg, other, {"logits": logits}), expected, rtol=1e-5)
+
+
+def test_gaussian_kl_matches_the_closed_form_of_different_gaussians():
+  cfg = policies.PolicyConfig("gaussian", 2, 2, (4,))
+  old = {"mean": tf.constant([[[0.5, -1.0]]]), "log_std": tf.constant([[[0.1, -0.7]]])}
+  new = {"mean": tf.constant([[[-0.2, 0.4]]]), "log_std": tf.constant([[[-0.3, 0.2]]])}
+  s0, s1 = np.exp([0.1, -0.7]), np.exp([-0.3, 0.2])
+  m0, m1 = np.array([0.5, -1.0]), np.array([-0.2, 0.4])
+  # KL(N0 || N1) per dimension: log(s1/s0) + (s0^2 + (m0-m1)^2) / (2 s1^2) - 1/2, summed.
+  expected = np.sum(np.log(s1 / s0) + (s0**2 + (m0 - m1)**2) / (2 * s1**2) - 0.5)
+  assert float(policies.kl(cfg, old, new)[0, 0]) == pytest.approx(expected, rel=1e-5)
 
 
 # --- through the trainer -----------------------------------------------------------------------

@@ -127,7 +127,7 @@ class RLMetaLearner:
       for k, v in self.params.items():
         v.assign(new[k])
       self._iterations.assign_add(1)
-      outer_loss = info["surrogate_after"]
+      outer_loss = info["surrogate_before"]  # like the supervised learner: before the update
     else:
       old_logp, old_dist = self._trpo.old_policy(params, pre, post)
       grads, surrogate, _ = self._trpo.gradient(params, pre, post, old_logp, old_dist)
@@ -148,11 +148,11 @@ class RLMetaLearner:
       totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
     return {k: v / n for k, v in totals.items()}
 
-  def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Average return per task after 0..eval_inner_steps steps ``[steps+1, tasks]``."""
+  def evaluate(self, dataset) -> tuple[None, np.ndarray]:
+    """(no loss: RL's evaluation measures returns only, average return per task after
+    0..eval_inner_steps steps ``[steps+1, tasks]``)."""
     per_round = []
     for tasks, seed, keep in dataset:
       _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps, last_batch=False)
       per_round.append(np.stack(rets)[:, :keep])
-    metrics = np.concatenate(per_round, axis=1)
-    return -metrics, metrics
+    return None, np.concatenate(per_round, axis=1)

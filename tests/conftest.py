@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +20,44 @@ from pipeline import datasets, paths  # noqa: E402
 
 # In-process Beam for tiny builds: the multi-process default costs seconds of start-up.
 FAST_BEAM = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
+REPO = Path(__file__).resolve().parents[1]
+# A sinusoid run small enough for end-to-end trainer tests (seconds per hundred steps).
+SINUSOID = ("--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
+            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
+            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
+            "--eval_episodes=20")
+
+
+def trainer(*args, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
+  """``python -m trainer.main ARGS`` from the repository root, output captured."""
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=timeout, env=env, **kwargs)
+
+
+def checkpoint_step(model_dir: Path) -> int:
+  """Step of the newest periodic checkpoint of a run, -1 without one."""
+  import tensorflow as tf
+  path = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+  return int(path.rsplit("-", 1)[1]) if path else -1
+
+
+def error_line(stderr: str, prefix: str = "trainer: error:") -> str:
+  """The one error line; fails if there is a traceback or more than one error line."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.strip().splitlines() if line.startswith(prefix)]
+  assert len(lines) == 1 and stderr.strip().splitlines()[-1] == lines[0], stderr[-3000:]
+  return lines[0]
+
+
+def free_ports(n: int) -> list[int]:
+  """Ports free on loopback now (for local multi-worker clusters)."""
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
 
 
 def real_dataset(relative: str) -> Path:

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import omniglot_png
+from conftest import error_line, omniglot_png
 from pipeline import imaging, streams
 from trainer import config, learner, optim, tasks
 from trainer import model_dir as guard
@@ -78,13 +78,6 @@ def trained(request, tmp_path_factory):
 def omniglot_run(request, tmp_path_factory):
   """The original-settings Omniglot model: the one the input checks use."""
   return train_and_export("omniglot_original", request, tmp_path_factory)
-
-
-def one_error_line(stderr: str, prefix: str) -> bool:
-  """The error is the last line, alone (TensorFlow's start-up chatter may precede it)."""
-  lines = stderr.strip().splitlines()
-  return (lines[-1].startswith(prefix) and "Traceback" not in stderr
-          and sum(line.startswith(prefix) for line in lines) == 1)
 
 
 def trainer_meta_test(model_dir: Path, records: Path):
@@ -233,7 +226,7 @@ def test_export_command_refuses_bad_runs_with_one_line(omniglot_run, tmp_path):
   _, model_dir, _, export_dir = omniglot_run
   result = run("-m", "trainer.export", f"--model_dir={model_dir}", f"--output={export_dir}")
   assert result.returncode == 1 and "already exists; pass --overwrite" in result.stderr
-  assert one_error_line(result.stderr, "export: error:"), result.stderr
+  error_line(result.stderr, "export: error:")
   empty = tmp_path / "empty"
   empty.mkdir()
   result = run("-m", "trainer.export", f"--model_dir={empty}", f"--output={tmp_path / 'x'}")
@@ -317,7 +310,7 @@ def test_predict_command_refuses_bad_folders_with_one_line(omniglot_export, tmp_
     result = predict_tool(f"--export={omniglot_export}", f"--support={support}",
                           f"--query={query}")
     assert result.returncode == 1 and message in result.stderr, (message, result.stderr[-800:])
-    assert one_error_line(result.stderr, "predict: error:"), result.stderr
+    error_line(result.stderr, "predict: error:")
 
 
 def test_sample_episode_writes_source_images_that_predict_reads(omniglot_export,

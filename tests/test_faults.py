@@ -19,38 +19,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import FAST_BEAM, make_tiny_omniglot
+from conftest import (FAST_BEAM, REPO, SINUSOID, checkpoint_step, error_line, free_ports,
+                      make_tiny_omniglot, trainer)
 from pipeline import datasets
 
-REPO = Path(__file__).resolve().parents[1]
-SINUSOID = ["--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
-            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
-            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
-            "--eval_episodes=20"]
-
-
-def trainer(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=timeout)
-
-
-def error_line(stderr: str, prefix: str = "trainer: error:") -> str:
-  """The one error line; fails if there is a traceback or more than one error line."""
-  assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [line for line in stderr.strip().splitlines() if line.startswith(prefix)]
-  assert len(lines) == 1 and stderr.strip().splitlines()[-1] == lines[0], stderr[-3000:]
-  return lines[0]
 
 
 def steps_logged(run: Path, key: str = "train/support_loss_pre") -> list[int]:
   """Steps of the metrics.jsonl lines holding ``key`` (training lines by default)."""
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   return [r["step"] for r in rows if key in r]
-
-
-def checkpoint_step(run: Path) -> int:
-  path = tf.train.latest_checkpoint(str(run / "ckpt"))
-  return int(path.rsplit("-", 1)[1]) if path else -1
 
 
 @pytest.fixture(scope="module")
@@ -298,17 +276,6 @@ def start_workers(run: Path, ports: list[int], iterations: int) -> list[subproce
          "--mode=train", f"--model_dir={run}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True))
   return procs
-
-
-def free_ports(n: int) -> list[int]:
-  import socket
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
 
 
 def test_sigterm_to_one_worker_checkpoints_every_worker_at_the_same_step(tmp_path):

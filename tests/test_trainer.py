@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,27 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = Path(__file__).resolve().parents[1]
-SINUSOID = ["--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
-            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
-            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
-            "--eval_episodes=20"]
-
-
-def trainer(*args, timeout=600, env=None, **kwargs):
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=timeout, env=env, **kwargs)
+from conftest import REPO, SINUSOID, checkpoint_step, free_ports, trainer
 
 
 def final_params(model_dir: Path) -> dict[str, np.ndarray]:
   reader = tf.train.load_checkpoint(str(model_dir / "ckpt"))
   return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
           if k.startswith("params/")}
-
-
-def checkpoint_step(model_dir: Path) -> int:
-  path = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
-  return int(path.rsplit("-", 1)[1]) if path else -1
 
 
 # --- start-up errors -------------------------------------------------------------------------
@@ -201,6 +186,21 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   assert 0 < step < 50000 and step == max(r["step"] for r in rows)
 
 
+def test_best_checkpoint_after_a_resume_is_the_best_of_the_whole_run(tmp_path):
+  run = tmp_path / "run"
+  args = [*SINUSOID, "--eval_every=10", "--checkpoint_every=10", "--mode=train",
+          "--val_episodes=10", f"--model_dir={run}"]
+  assert trainer(*args, "--num_iterations=30").returncode == 0
+  resumed = trainer(*args, "--num_iterations=60")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  val = {r["step"]: r["val/mse"] for r in rows if "val/mse" in r}
+  assert sorted(val) == [10, 20, 30, 40, 50, 60]
+  best = json.loads((run / "best.json").read_text())
+  assert best["value"] == min(val.values()) and val[best["step"]] == best["value"]
+  assert tf.train.latest_checkpoint(str(run / "best")).endswith(f"ckpt-{best['step']}")
+
+
 # --- results -----------------------------------------------------------------------------------
 
 
@@ -277,7 +277,6 @@ def test_mirrored_over_two_devices_equals_one_device():
       import numpy as np, tensorflow as tf
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from pipeline import streams
       from trainer import learner, maml, models, optim, tasks
       task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
       cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm")
@@ -285,21 +284,56 @@ def test_mirrored_over_two_devices_equals_one_device():
         l = learner.MetaLearner(strategy, cfg, maml.MetaConfig(2, 0.05, loss="mse"),
                                 optim.AdamConfig(1e-2), seed=0, meta_batch_size=8,
                                 eval_inner_steps=2, jit_compile=False)
-        ds = strategy.distribute_datasets_from_function(
-            lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0))
-        means = l.train_loop(iter(ds), tf.constant(3))
-        return {k: float(v) for k, v in means.items()}, {k: v.numpy() for k, v in l.params.items()}
-      m1, p1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
-      m2, p2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        means = l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+        # 12 evaluation episodes in batches of 8: the last batch is padded, then masked.
+        losses, metrics = l.evaluate(task.eval_data(strategy, "val", 12))
+        return ({k: float(v) for k, v in means.items()},
+                {k: v.numpy() for k, v in l.params.items()}, losses, metrics)
+      m1, p1, l1, e1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+      m2, p2, l2, e2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
       for k in m1:
         assert abs(m1[k] - m2[k]) <= 1e-6 * max(1, abs(m1[k])), (k, m1[k], m2[k])
       for k in p1:
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      assert e1.shape == (3, 12) and l1.shape == (3, 12)
+      np.testing.assert_allclose(e1, e2, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
       assert any(np.abs(p1[k] - models.init_params(cfg, 0)[k]).max() > 1e-4 for k in p1)
       print("OK")
   """)
   result = run_script(script)
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_meta_sgd_rates_are_learned_checkpointed_and_used_in_evaluation(tmp_path):
+  from trainer import learner, maml, models, optim, tasks
+  task = tasks.SinusoidRegression(5, 5, 5, 4, 4, seed=0)
+  cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(16,), norm="none")
+  meta = maml.MetaConfig(1, 0.01, loss="mse", learn_inner_lr=True)
+
+  def make():
+    return learner.MetaLearner(tf.distribute.get_strategy(), cfg, meta, optim.AdamConfig(1e-2),
+                               seed=0, meta_batch_size=4, eval_inner_steps=2,
+                               jit_compile=False)
+
+  trained = make()
+  trained.train_loop(iter(task.train_data(trained.strategy, 0)), tf.constant(5))
+  rates = {k: v.numpy() for k, v in trained.inner_lrs.items()}
+  assert rates and all(np.abs(r - 0.01).max() > 1e-4 for r in rates.values())  # learned
+  path = tf.train.Checkpoint(**trained.checkpoint_items()).save(str(tmp_path / "ckpt"))
+  restored = make()
+  tf.train.Checkpoint(**restored.checkpoint_items()).restore(path) \
+      .assert_existing_objects_matched()
+  for k, r in rates.items():
+    np.testing.assert_array_equal(restored.inner_lrs[k].numpy(), r)
+  data = task.eval_data(restored.strategy, "val", 8)
+  np.testing.assert_allclose(restored.evaluate(data)[1], trained.evaluate(data)[1], rtol=1e-6)
+  # The evaluation adapts with the learned rates, not with --inner_lr: zero rates change it.
+  for v in restored.inner_lrs.values():
+    v.assign(tf.zeros_like(v))
+  frozen = restored.evaluate(data)[1]
+  np.testing.assert_allclose(frozen[1], frozen[0], rtol=1e-6)  # no adaptation at all
+  assert not np.allclose(frozen[1], trained.evaluate(data)[1][1])
 
 
 def run_script(script: str) -> subprocess.CompletedProcess:
@@ -315,16 +349,6 @@ def run_script(script: str) -> subprocess.CompletedProcess:
     if result.returncode >= 0:
       return result
   return result
-
-
-def free_ports(n):
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
 
 
 def test_multi_worker_mirrored_with_two_local_workers_completes_steps(tmp_path):

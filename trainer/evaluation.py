@@ -45,19 +45,22 @@ def mean_ci95(values: np.ndarray, t_interval: bool = False) -> dict:
   return {"mean": float(values.mean()), "ci95": float(z * std / math.sqrt(n))}
 
 
-def summarize(metric_name: str, split: str, per_step: np.ndarray, loss_per_step: np.ndarray,
-              t_interval: bool = False, **extra) -> dict:
-  """``per_step`` is ``[steps+1, episodes]``; returns the eval JSON's content."""
+def summarize(metric_name: str, split: str, per_step: np.ndarray,
+              loss_per_step: np.ndarray | None, t_interval: bool = False, **extra) -> dict:
+  """``per_step`` is ``[steps+1, episodes]``; returns the eval JSON's content (no
+  ``loss_by_inner_steps`` for learners without an evaluation loss, e.g. RL's returns)."""
   interval = lambda v: mean_ci95(v, t_interval)
-  return dict({
+  summary = {
       "split": split,
       "episodes": int(per_step.shape[1]),
       "metric": metric_name,
       "interval": "student_t" if t_interval else "normal_1.96",
       "by_inner_steps": {str(s): interval(per_step[s]) for s in range(per_step.shape[0])},
-      "loss_by_inner_steps": {str(s): interval(loss_per_step[s])
-                              for s in range(loss_per_step.shape[0])},
-  }, **extra)
+  }
+  if loss_per_step is not None:
+    summary["loss_by_inner_steps"] = {str(s): interval(loss_per_step[s])
+                                      for s in range(loss_per_step.shape[0])}
+  return dict(summary, **extra)
 
 
 def write_json(path: str | os.PathLike, content: dict) -> None:

@@ -47,8 +47,9 @@ class Learner(Protocol):
   def train_loop(self, iterator, num_steps) -> dict:
     """``num_steps`` meta-steps; the four metric means over them."""
 
-  def evaluate(self, data) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task loss and metric after 0..S inner steps, ``[S+1, tasks]`` each."""
+  def evaluate(self, data) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per-task loss (None if the family has none) and metric after 0..S inner steps,
+    ``[S+1, tasks]`` each."""
 
 
 @dataclasses.dataclass

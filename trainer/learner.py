@@ -38,7 +38,6 @@ class MetaLearner:
     replicas = strategy.num_replicas_in_sync
     self._train_per_replica = meta_batch_size // replicas
     self._eval_per_replica = (eval_batch_size or meta_batch_size) // replicas
-    self.eval_inner_steps = eval_inner_steps
     with strategy.scope():
       init = models.init_params(model, seed)
       self.params = {k: tf.Variable(v, name=k, aggregation=optim.ONLY_FIRST)

@@ -3,10 +3,11 @@
 Every parameter carries a leading task axis ``B`` during adaptation (each task's adapted
 copy), and every input a leading ``[B, n]``. Convolutions run all tasks in one grouped
 convolution: activations are kept as ``[n, H, W, B*C]`` and task ``b`` owns channel group
-``b``, so one meta-batch is one batched computation with static shapes. That is what makes the
-meta-step fast under XLA on GPU/TPU (cuDNN/XLA grouped convolutions) and on CPU (oneDNN)
-alike, where a Python loop over tasks or ``tf.map_fn`` were 2-20x slower (see
-``bench/bench_meta_step.py``).
+``b``, so one meta-batch is one batched computation with static shapes: on CPU, graph mode
+runs it with oneDNN's grouped convolutions, where a Python loop over tasks or ``tf.map_fn``
+were 2-20x slower; the same static graph compiles under XLA for GPU/TPU. (XLA on CPU is not
+fast for conv4: its convolution gradients measured ~80x slower, ``bench/bench_meta_step.py``;
+hence ``--jit_compile=auto``.)
 """
 
 from __future__ import annotations

@@ -49,6 +49,21 @@ def error_line(stderr: str, prefix: str = "trainer: error:") -> str:
   return lines[0]
 
 
+def run_script(script: str) -> subprocess.CompletedProcess:
+  """Runs a Python script; once more if TensorFlow's runtime killed it with a signal.
+
+  A native abort inside TensorFlow's runtime was seen intermittently on the 2-core CI machine
+  (the process dies with no Python traceback); a wrong result (an assertion, exit 1) is never
+  retried.
+  """
+  for _ in range(2):
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    if result.returncode >= 0:
+      return result
+  return result
+
+
 def free_ports(n: int) -> list[int]:
   """Ports free on loopback now (for local multi-worker clusters)."""
   socks = [socket.socket() for _ in range(n)]

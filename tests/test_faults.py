@@ -323,5 +323,6 @@ def test_a_worker_lost_outright_ends_the_other_with_one_line_naming_it(tmp_path)
         p.kill()
   assert procs[0].returncode == 1
   line = error_line(err)
-  assert "a worker was lost (/job:worker/replica:0/task:1" in line
+  # Named by the heartbeat monitor, or (a reset connection) as the cluster's other worker.
+  assert "a worker was lost (/job:worker/" in line and "task:1" in line, line
   assert not (run / ".lock").exists()

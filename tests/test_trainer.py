@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, SINUSOID, checkpoint_step, free_ports, trainer
+from conftest import REPO, SINUSOID, checkpoint_step, free_ports, run_script, trainer
 
 
 def final_params(model_dir: Path) -> dict[str, np.ndarray]:
@@ -334,21 +334,6 @@ def test_meta_sgd_rates_are_learned_checkpointed_and_used_in_evaluation(tmp_path
   frozen = restored.evaluate(data)[1]
   np.testing.assert_allclose(frozen[1], frozen[0], rtol=1e-6)  # no adaptation at all
   assert not np.allclose(frozen[1], trained.evaluate(data)[1][1])
-
-
-def run_script(script: str) -> subprocess.CompletedProcess:
-  """Runs a Python script; once more if TensorFlow's runtime killed it with a signal.
-
-  A native abort inside TensorFlow's runtime was seen intermittently on the 2-core CI machine
-  (the process dies with no Python traceback); a wrong result (an assertion, exit 1) is never
-  retried.
-  """
-  for _ in range(2):
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=REPO, timeout=300)
-    if result.returncode >= 0:
-      return result
-  return result
 
 
 def test_multi_worker_mirrored_with_two_local_workers_completes_steps(tmp_path):

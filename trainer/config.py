@@ -98,6 +98,10 @@ flags.DEFINE_enum("meta_lr_schedule", _ADAM.schedule, ["constant", "cosine"],
                   "--num_iterations.")
 flags.DEFINE_float("min_meta_lr", _ADAM.min_learning_rate, "Final meta learning rate of the cosine schedule.",
                    lower_bound=0.0)
+flags.DEFINE_integer("task_chunk", 0, "Memory: compute each replica's meta-gradient this many "
+                     "tasks at a time (summed: the same meta-gradient), so only one chunk's "
+                     "activations are alive at once; must divide the tasks per replica. "
+                     "0: all at once (fastest).", lower_bound=0)
 flags.DEFINE_float("clip_value", _ADAM.clip_value, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
                    "MiniImagenet); 0 disables.", lower_bound=0.0)
 

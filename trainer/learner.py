@@ -26,7 +26,8 @@ class MetaLearner:
   def __init__(self, strategy: tf.distribute.Strategy, model: models.ModelConfig,
                meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
                meta_batch_size: int, eval_inner_steps: int, jit_compile: bool,
-               eval_batch_size: int | None = None, eval_running_stats: bool = False):
+               eval_batch_size: int | None = None, eval_running_stats: bool = False,
+               task_chunk: int = 0):
     if eval_running_stats and not model.stat_slots:
       raise ValueError("evaluating with running statistics needs them tracked "
                        "(--bn_running_stats=shared or per_step)")
@@ -38,6 +39,13 @@ class MetaLearner:
     replicas = strategy.num_replicas_in_sync
     self._train_per_replica = meta_batch_size // replicas
     self._eval_per_replica = (eval_batch_size or meta_batch_size) // replicas
+    # Memory: the meta-gradient of a replica's tasks computed task_chunk tasks at a time in a
+    # loop (summed, so exact), so only one chunk's activations are alive at once.
+    self.task_chunk = task_chunk if 0 < task_chunk < self._train_per_replica else 0
+    if self.task_chunk and self._train_per_replica % self.task_chunk:
+      raise ValueError(f"--task_chunk={task_chunk} does not divide the {self._train_per_replica}"
+                       f" tasks each replica computes (meta_batch_size {meta_batch_size} over "
+                       f"{replicas} replicas)")
     with strategy.scope():
       init = models.init_params(model, seed)
       self.params = {k: tf.Variable(v, name=k, aggregation=optim.ONLY_FIRST)
@@ -91,10 +99,32 @@ class MetaLearner:
     return (meta.first_order or step < meta.first_order_iterations,
             bool(meta.msl_iterations) and step < meta.msl_iterations)
 
+  def _meta_gradients(self, phase, params, lrs, inputs, iteration):
+    """The replica's meta-gradient and metric sums, all tasks at once or chunk by chunk."""
+    grads_fn = functools.partial(self._grads[phase], iteration=iteration)
+    if not self.task_chunk:
+      return grads_fn(params, lrs, inputs)
+    chunks = self._train_per_replica // self.task_chunk
+    split = {k: tf.reshape(v, [chunks, self.task_chunk] + v.shape[1:])
+             for k, v in inputs.items()}
+    add = lambda a, b: tf.nest.map_structure(tf.add, a, b)
+    first = grads_fn(params, lrs, {k: v[0] for k, v in split.items()})
+
+    def body(i, total):
+      return i + 1, add(total, grads_fn(params, lrs, {k: tf.gather(v, i)
+                                                      for k, v in split.items()}))
+
+    # A while loop (not a Python loop) runs the chunks one after another: only one chunk's
+    # forward and backward intermediates are alive at a time. Static shapes: XLA compiles it.
+    _, (grads, sums) = tf.while_loop(lambda i, _: i < chunks, body, (tf.constant(1), first))
+    # Batch moments are per-chunk task averages: their sum over equal chunks / chunks.
+    sums = {k: v / chunks if k.startswith("moments/") else v for k, v in sums.items()}
+    return grads, sums
+
   def _replica_train_step(self, batch, phase):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._train_per_replica)
-    grads, sums = self._grads[phase](params, lrs, inputs, iteration=tf.identity(self.step))
+    grads, sums = self._meta_gradients(phase, params, lrs, inputs, tf.identity(self.step))
     ctx = tf.distribute.get_replica_context()
     grads, sums = ctx.all_reduce(SUM, (grads, sums))
     for k, var in self.stats.items():

@@ -8,6 +8,7 @@ here: RL's (and its gymnasium/MuJoCo extra) only when --dataset=rl is chosen.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 
@@ -52,15 +53,30 @@ def one_line(error: BaseException) -> str:
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   if isinstance(error, (DataError, ValueError)) and lines:
     return lines[0]
-  if isinstance(error, tf.errors.UnavailableError) and "unhealthy" in text:
-    lost = sorted({line for line in lines if line.startswith("/job:")})
-    return (f"a worker was lost ({', '.join(lost) or 'unknown task'} stopped sending "
-            f"heartbeats); the others stopped too: re-run every worker's command to resume "
-            f"from the last checkpoint")
+  if (isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError))
+      and any(m in text for m in ("unhealthy", "Collective ops is aborted", "Connection reset"))):
+    lost = sorted({line for line in lines if line.startswith("/job:")}) or _peers()
+    return (f"a worker was lost ({', '.join(lost) or 'unknown task'}: "
+            f"{'stopped sending heartbeats' if 'unhealthy' in text else 'connection lost'}); "
+            f"the others stopped too: re-run every worker's command to resume from the last "
+            f"checkpoint")
   boilerplate = ("Graph execution error", "Detected at node", "File \"", "[[", "{{")
   useful = [line for line in lines if not line.startswith(boilerplate)]
   first = useful[0] if useful else (lines[0] if lines else "")
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _peers() -> list[str]:
+  """The other workers of this one's TF_CONFIG cluster, as /job:<type>/task:<i> (address)."""
+  try:
+    spec = json.loads(os.environ.get("TF_CONFIG", "{}"))
+  except json.JSONDecodeError:
+    return []
+  me = spec.get("task", {})
+  return [f"/job:{job}/task:{i} ({address})"
+          for job, addresses in spec.get("cluster", {}).items()
+          for i, address in enumerate(addresses)
+          if (job, i) != (me.get("type"), me.get("index"))]
 
 
 def run() -> int:

@@ -51,6 +51,7 @@ def _build(values: dict, strategy, task) -> family.Built:
       meta_batch_size=values["meta_batch_size"],
       eval_inner_steps=config.eval_inner_steps(values), jit_compile=jit,
       eval_batch_size=values["eval_batch_size"],
-      eval_running_stats=values["eval_norm_stats"] == "running")
+      eval_running_stats=values["eval_norm_stats"] == "running",
+      task_chunk=values["task_chunk"])
   record = config.run_record(values, model, meta, getattr(task, "manifest", None))
   return family.Built(task, meta_learner, jit, record)

@@ -88,17 +88,25 @@ def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, si
 # --- one run per model_dir -----------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_model_dir_in_use_is_refused_naming_the_holder(tmp_path):
-  run = tmp_path / "run"
+def start_long_run(run: Path, logged: int) -> subprocess.Popen:
+  """A sinusoid run far longer than any test, returned once it has logged ``logged`` lines."""
   proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
                            "--num_iterations=1000000", "--checkpoint_every=100000",
                            f"--model_dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (run / "metrics.jsonl").exists() or len(steps_logged(run)) < logged:
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f"the run did not log {logged} lines: {proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  return proc
+
+
+def test_a_second_run_on_a_model_dir_in_use_is_refused_naming_the_holder(tmp_path):
+  run = tmp_path / "run"
+  proc = start_long_run(run, 1)
   try:
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists():
-      assert proc.poll() is None and time.time() < deadline
-      time.sleep(0.05)
     second = trainer(*SINUSOID, "--num_iterations=1000000", f"--model_dir={run}")
     assert second.returncode == 1
     assert f"in use by process {proc.pid}" in error_line(second.stderr)
@@ -204,14 +212,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_ctrl_c_saves_the_step_exits_130_and_a_second_resume_logs_no_duplicates(tmp_path):
   run = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
-                           "--num_iterations=1000000", "--checkpoint_every=100000",
-                           f"--model_dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  while not (run / "metrics.jsonl").exists() or len(steps_logged(run)) < 3:
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
+  proc = start_long_run(run, 3)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err[-2000:]

@@ -98,6 +98,11 @@ flags.DEFINE_enum("meta_lr_schedule", _ADAM.schedule, ["constant", "cosine"],
                   "--num_iterations.")
 flags.DEFINE_float("min_meta_lr", _ADAM.min_learning_rate, "Final meta learning rate of the cosine schedule.",
                    lower_bound=0.0)
+flags.DEFINE_enum("compute_dtype", _META.compute_dtype, list(maml.COMPUTE_DTYPES),
+                  "Mixed precision: the meta-step's passes in bfloat16 (TPU's native type; "
+                  "same range as float32) or float16 (GPU; static loss scale "
+                  f"{maml.FLOAT16_LOSS_SCALE:g}), with float32 weights, losses and "
+                  "meta-gradient. Evaluation stays float32.")
 flags.DEFINE_integer("task_chunk", 0, "Memory: compute each replica's meta-gradient this many "
                      "tasks at a time (summed: the same meta-gradient), so only one chunk's "
                      "activations are alive at once; must divide the tasks per replica. "
@@ -224,7 +229,8 @@ def meta_config(values: dict) -> maml.MetaConfig:
       loss="mse" if values["dataset"] == "sinusoid" else "softmax",
       loss_reduction=values["loss_reduction"], inner_adapt=values["inner_adapt"],
       msl_iterations=values["msl_iterations"],
-      first_order_iterations=values["first_order_iterations"])
+      first_order_iterations=values["first_order_iterations"],
+      compute_dtype=values["compute_dtype"])
 
 
 def adam_config(values: dict) -> optim.AdamConfig:

@@ -25,6 +25,10 @@ from trainer import models
 
 ADAPT = ("all", "no_norm", "head")
 REDUCTIONS = ("mean", "original")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# float16's static loss scale: losses are multiplied by it before each gradient (inner and
+# outer) and the gradients divided after, so small gradients do not flush to zero in float16.
+FLOAT16_LOSS_SCALE = 1024.0
 MSL_MIN_WEIGHT = 0.03  # MAML++'s floor for the non-final steps' weights, times 1 / steps
 
 
@@ -48,12 +52,17 @@ class MetaConfig:
   msl_iterations: int = 0
   # MAML++ derivative-order annealing: first order for this many iterations, then second.
   first_order_iterations: int = 0
+  # Mixed precision: the meta-step's forward and backward passes in this dtype; the
+  # meta-parameters, the losses and the meta-gradient stay float32.
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     if self.inner_adapt not in ADAPT:
       raise ValueError(f"inner_adapt={self.inner_adapt!r}: must be one of {ADAPT}")
     if self.loss_reduction not in REDUCTIONS:
       raise ValueError(f"loss_reduction={self.loss_reduction!r}: must be one of {REDUCTIONS}")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype={self.compute_dtype!r}: must be one of {COMPUTE_DTYPES}")
     if self.learn_inner_lr and self.per_step_inner_lr:
       raise ValueError("learn_inner_lr (Meta-SGD) and per_step_inner_lr (LSLR) exclude each "
                        "other")
@@ -96,6 +105,9 @@ def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.T
     out = models.head(x, params)
   else:
     out = models.apply(cfg, params, x, ctx)
+  out = tf.cast(out, tf.float32) if out.dtype in (tf.bfloat16, tf.float16) else out  # losses
+  if y.dtype in (tf.bfloat16, tf.float16):
+    y = tf.cast(y, tf.float32)
   if meta.loss == "mse":
     mse = tf.reduce_mean(tf.square(out - y), axis=[1, 2])
     return mse, mse
@@ -136,23 +148,28 @@ def step_rates(meta: MetaConfig, params: dict, lrs: dict | None, step: int) -> d
   return {k: tf.constant(meta.inner_lr, params[k].dtype) for k in keys}
 
 
-def sgd_step(fast: dict, total_loss, rates: dict, *, first_order: bool):
+def sgd_step(fast: dict, total_loss, rates: dict, *, first_order: bool, scale: float = 1.0):
   """One inner SGD step of every task at once, shared by supervised MAML and MAML-RL.
 
   ``total_loss(fast) -> (scalar, aux)`` sums the tasks' losses, so differentiating it gives
   each task's own gradient w.r.t. its copy (task b's loss depends on copy b only). Only the
   keys of ``rates`` move; ``first_order`` stops the gradient from being differentiated again.
-  Returns ``(new fast parameters, aux)``.
+  ``scale`` multiplies the loss before differentiation and divides the gradient after (float16
+  loss scaling). Returns ``(new fast parameters, aux)``.
   """
   with tf.GradientTape() as tape:
     watched = {k: fast[k] for k in rates}
     tape.watch(list(watched.values()))
     total, aux = total_loss(fast)
+    if scale != 1.0:
+      total = total * scale
   grads = tape.gradient(total, watched)
+  if scale != 1.0:
+    grads = {k: g / scale for k, g in grads.items()}
   if first_order:
     grads = {k: tf.stop_gradient(g) for k, g in grads.items()}
   new = dict(fast)
-  new.update({k: fast[k] - rates[k] * grads[k] for k in rates})
+  new.update({k: fast[k] - tf.cast(rates[k], fast[k].dtype) * grads[k] for k in rates})
   return new, aux
 
 
@@ -165,8 +182,13 @@ def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
     losses, metric = task_losses(cfg, meta, params, x, y, ctx)
     return tf.reduce_sum(losses) * scale, (losses, metric)
 
-  new, (losses, metric) = sgd_step(fast, total, rates, first_order=first_order)
+  new, (losses, metric) = sgd_step(fast, total, rates, first_order=first_order,
+                                   scale=loss_scaling(meta))
   return new, losses, metric
+
+
+def loss_scaling(meta: MetaConfig) -> float:
+  return FLOAT16_LOSS_SCALE if meta.compute_dtype == "float16" else 1.0
 
 
 def msl_weights(meta: MetaConfig, iteration: tf.Tensor) -> tf.Tensor:
@@ -206,7 +228,8 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   fast = tile(params, tasks)
   batch = body_features(cfg, meta, fast, batch)
   if step_weights is not None:
-    step_weights = tf.cast(step_weights, batch["query_x"].dtype)
+    low = batch["query_x"].dtype in (tf.bfloat16, tf.float16)  # losses are float32 then
+    step_weights = tf.cast(step_weights, tf.float32 if low else batch["query_x"].dtype)
   objective = 0.0
   support_loss = support_metric = None
   for step in range(meta.inner_steps):
@@ -261,14 +284,22 @@ def meta_gradients(cfg, meta, params: dict, lrs: dict | None, batch: dict, globa
   if meta.msl_iterations and multi_step_loss:
     step_weights = msl_weights(meta, 0 if iteration is None else iteration)
   moments = {} if cfg.stat_slots else None
+  dtype = tf.as_dtype(meta.compute_dtype)
+  low = lambda t: tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
+  scale = loss_scaling(meta)
   with tf.GradientTape() as tape:
     tape.watch(list(watched.values()))
-    p = {k: watched[k] for k in params}
-    r = {k: watched[f"lr/{k}"] for k in lrs} if lrs else None
-    objective, sums = meta_loss(cfg, meta, p, r, batch, global_batch, first_order=first_order,
+    # Mixed precision: float32 master weights cast in here, so the casts' gradients bring the
+    # meta-gradient back to float32.
+    p = {k: low(watched[k]) for k in params}
+    r = {k: low(watched[f"lr/{k}"]) for k in lrs} if lrs else None
+    objective, sums = meta_loss(cfg, meta, p, r, {k: low(v) for k, v in batch.items()},
+                                global_batch, first_order=first_order,
                                 step_weights=step_weights, moments=moments)
-  grads = tape.gradient(objective, watched)
-  grads = {k: tf.zeros_like(v) if grads[k] is None else grads[k] for k, v in watched.items()}
+    scaled = objective * scale if scale != 1.0 else objective
+  grads = tape.gradient(scaled, watched)
+  grads = {k: tf.zeros_like(v) if grads[k] is None else grads[k] / scale if scale != 1.0
+           else grads[k] for k, v in watched.items()}
   if moments is not None:
     sums.update({f"moments/{k}": v for k, v in stack_moments(cfg, moments).items()})
   return grads, sums

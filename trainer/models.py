@@ -168,21 +168,26 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str, groups
     return tf.reshape(value, [-1])
 
   scale, offset = per_task("scale", 1.0), per_task("offset", 0.0)
+  # Fused batch norm takes float32 scale, offset and statistics for low-precision activations.
+  fused_dtype = tf.float32 if h.dtype in (tf.bfloat16, tf.float16) else h.dtype
   if cfg.norm == "batch_norm" and ctx.stats is not None:
     mean, var = (tf.tile(_slot(tf.cast(ctx.stats[f"{prefix}/{name}"], h.dtype), cfg.stat_slots,
                                ctx.step, axis=0), [groups])
                  for name in ("mean", "variance"))
     if h.shape.rank == 4:
-      y, _, _ = tf.compat.v1.nn.fused_batch_norm(h, scale, offset, mean=mean, variance=var,
-                                                 epsilon=EPSILON, is_training=False)
+      cast = lambda t: tf.cast(t, fused_dtype)
+      y, _, _ = tf.compat.v1.nn.fused_batch_norm(h, cast(scale), cast(offset), mean=cast(mean),
+                                                 variance=cast(var), epsilon=EPSILON,
+                                                 is_training=False)
       return y
     return (h - mean) * tf.math.rsqrt(var + EPSILON) * scale + offset
   if cfg.norm == "batch_norm" and h.shape.rank == 4:
     # One fused kernel (and one for its gradient) instead of ~8 passes over the activations,
     # which dominate the step's time at these small convolutions. Its gradient of gradient is
     # registered, so second-order MAML works through it.
-    y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(h, scale, offset,
-                                                                epsilon=EPSILON, is_training=True)
+    y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(
+        h, tf.cast(scale, fused_dtype), tf.cast(offset, fused_dtype), epsilon=EPSILON,
+        is_training=True)
     ctx.record(prefix, batch_mean, batch_var, groups)
     return y
   if cfg.norm == "batch_norm":
@@ -216,7 +221,8 @@ class ForwardContext:
   def record(self, prefix: str, mean: tf.Tensor, var: tf.Tensor, groups: int) -> None:
     if self.moments is None:
       return
-    average = lambda t: tf.stop_gradient(tf.reduce_mean(tf.reshape(t, [groups, -1]), axis=0))
+    average = lambda t: tf.stop_gradient(tf.reduce_mean(
+        tf.reshape(tf.cast(t, tf.float32) if t.dtype != tf.float64 else t, [groups, -1]), axis=0))
     self.moments[f"{prefix}/mean"] = average(mean)
     self.moments[f"{prefix}/variance"] = average(var)
 

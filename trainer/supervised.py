@@ -44,6 +44,10 @@ def _build(values: dict, strategy, task) -> family.Built:
     streams.check_divisible(values[name] or values["meta_batch_size"], replicas, f"--{name}")
   model = config.model_config(values, getattr(task, "image_shape", None))
   meta = config.meta_config(values)
+  if (meta.compute_dtype == "float16" and model.kind == "conv4"
+      and not tf.config.list_logical_devices("GPU")):
+    raise DataError("--compute_dtype=float16: TensorFlow has no float16 gradients of grouped "
+                    "convolutions on CPU (cuDNN has them on GPU); use bfloat16 or float32 here")
   jit = {"true": True, "false": False}.get(values["jit_compile"],
                                            distribute.default_jit_compile(model.kind))
   meta_learner = learner.MetaLearner(

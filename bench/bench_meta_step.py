@@ -33,10 +33,12 @@ flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "min
 flags.DEFINE_list("orders", ["second", "first"], "MAML orders to run.")
 flags.DEFINE_list("jit", ["false"], "XLA settings to run (false,true). XLA on a CPU "
                   "takes minutes per conv case.")
+flags.DEFINE_list("task_chunks", ["0"], "--task_chunk values to run (0: all tasks at once); "
+                  "a chunked case runs the learner's own chunk loop.")
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up/compile step).")
 flags.DEFINE_string("records", None, "Omniglot records: also time the learner's training loop "
                     "fed by the real sampler (5w1s, 15 query, meta-batch 32).")
-flags.DEFINE_string("single", None, "Internal: run one case as 'case,order,jit'.")
+flags.DEFINE_string("single", None, "Internal: run one case as 'case,order,jit,chunk'.")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 # The shapes public MAML peers were compared at (README "Measured"): the paper's architecture,
@@ -93,7 +95,8 @@ def run_single(spec: str) -> dict:
   import tensorflow as tf
   import dataclasses
   from trainer import config, maml, models
-  case, order, jit = spec.split(",")
+  case, order, jit, chunk = spec.split(",")
+  chunk = int(chunk)
   values = case_values(case)
   shape = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}.get(values["dataset"])
   cfg = config.model_config(values, shape)
@@ -118,6 +121,15 @@ def run_single(spec: str) -> dict:
               "query_y": labels(q)}
   step = tf.function(functools.partial(maml.meta_gradients, cfg, meta, global_batch=batch),
                      jit_compile=jit == "true")
+  if chunk:
+    from trainer import learner, optim
+    meta_learner = learner.MetaLearner(tf.distribute.get_strategy(), cfg, meta,
+                                       optim.AdamConfig(), seed=0, meta_batch_size=batch,
+                                       eval_inner_steps=1, jit_compile=jit == "true",
+                                       task_chunk=chunk)
+    phase = meta_learner._phase(0)  # pylint: disable=protected-access
+    step = tf.function(lambda p, r, b: meta_learner._meta_gradients(  # pylint: disable=protected-access
+        phase, p, r, b, tf.constant(0, tf.int64)))
   start = time.perf_counter()
   tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
   compile_s = time.perf_counter() - start
@@ -129,7 +141,7 @@ def run_single(spec: str) -> dict:
   memory, kind = peak_memory_mb(tf)
   median = float(np.median(times))
   return {"bench": "meta_step", "case": case, "order": order, "jit_compile": jit == "true",
-          "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
+          "task_chunk": chunk, "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
           "k_query": q, "seconds_per_step": round(median, 4),
           "tasks_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),
           "max_rss_mb" if kind == "max_rss" else "gpu_peak_mb": round(memory, 1),
@@ -176,9 +188,9 @@ def main(_):
     return
   for case in FLAGS.cases:
     for order in FLAGS.orders:
-      for jit in FLAGS.jit:
+      for jit, chunk in ((j, c) for j in FLAGS.jit for c in FLAGS.task_chunks):
         result = subprocess.run(
-            [sys.executable, __file__, f"--single={case},{order},{jit}",
+            [sys.executable, __file__, f"--single={case},{order},{jit},{chunk}",
              f"--steps={FLAGS.steps}"], capture_output=True, text=True)
         line = [l for l in result.stdout.splitlines() if l.startswith("{")]
         if result.returncode or not line:

@@ -111,12 +111,18 @@ class MetaLearner:
     first = grads_fn(params, lrs, {k: v[0] for k, v in split.items()})
 
     def body(i, total):
-      return i + 1, add(total, grads_fn(params, lrs, {k: tf.gather(v, i)
-                                                      for k, v in split.items()}))
+      # The chunk's inputs wait for the running total: without this dependency the next
+      # chunk (which does not need the total) would start alongside the previous one and the
+      # memory would not drop.
+      with tf.control_dependencies(tf.nest.flatten(total)):
+        chunk = {k: tf.gather(v, i) for k, v in split.items()}
+      return i + 1, add(total, grads_fn(params, lrs, chunk))
 
-    # A while loop (not a Python loop) runs the chunks one after another: only one chunk's
-    # forward and backward intermediates are alive at a time. Static shapes: XLA compiles it.
-    _, (grads, sums) = tf.while_loop(lambda i, _: i < chunks, body, (tf.constant(1), first))
+    # A while loop (not a Python loop) runs the chunks one after another (one iteration at a
+    # time): only one chunk's forward and backward intermediates are alive at once. Static
+    # shapes: XLA compiles it.
+    _, (grads, sums) = tf.while_loop(lambda i, _: i < chunks, body, (tf.constant(1), first),
+                                     parallel_iterations=1)
     # Batch moments are per-chunk task averages: their sum over equal chunks / chunks.
     sums = {k: v / chunks if k.startswith("moments/") else v for k, v in sums.items()}
     return grads, sums

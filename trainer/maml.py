@@ -285,7 +285,9 @@ def meta_gradients(cfg, meta, params: dict, lrs: dict | None, batch: dict, globa
     step_weights = msl_weights(meta, 0 if iteration is None else iteration)
   moments = {} if cfg.stat_slots else None
   dtype = tf.as_dtype(meta.compute_dtype)
-  low = lambda t: tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
+  # Only a low-precision compute dtype casts (float64 references stay float64).
+  low = (lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t) if dtype in (
+      tf.bfloat16, tf.float16) else (lambda t: t)
   scale = loss_scaling(meta)
   with tf.GradientTape() as tape:
     tape.watch(list(watched.values()))

@@ -235,8 +235,9 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
 
 def _finite(items: dict) -> bool:
   """Whether every floating-point variable of a learner's checkpoint items is finite."""
-  return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in tf.nest.flatten(items)
-             if isinstance(v, tf.Variable) and v.dtype.is_floating)
+  checks = [tf.reduce_all(tf.math.is_finite(v)) for v in tf.nest.flatten(items)
+            if isinstance(v, tf.Variable) and v.dtype.is_floating]
+  return bool(tf.reduce_all(tf.stack(checks))) if checks else True  # one host sync per loop
 
 
 def _diverged(step: int, n: int, means: dict, ckpt_dir: Path) -> str:

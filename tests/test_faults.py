@@ -73,6 +73,22 @@ def test_resume_with_changed_settings_is_refused_but_run_length_may_change(sinus
   assert checkpoint_step(sinusoid_run) == 40
 
 
+def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
+  """The cosine schedule anneals over --num_iterations: another length would silently change
+  the meta learning rate of every remaining step, so only eval may name another length."""
+  from trainer import model_dir as guard
+  flags = {"meta_lr_schedule": "cosine", "num_iterations": 60000, "mode": "train"}
+  guard.write_run_record(tmp_path, {"flags": flags})
+  with pytest.raises(guard.ModelDirError, match=r"--num_iterations=60000 \(now 3000\)"):
+    guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000}})
+  guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000, "mode": "eval"}})
+  constant = tmp_path / "constant"
+  constant.mkdir()
+  guard.write_run_record(constant, {"flags": {**flags, "meta_lr_schedule": "constant"}})
+  guard.check_run_record(constant, {"flags": {**flags, "meta_lr_schedule": "constant",
+                                              "num_iterations": 3000}})
+
+
 def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, sinusoid_run):
   """Without config.json (a run older than it), the strict restore still refuses."""
   run = tmp_path / "copy"

@@ -46,9 +46,14 @@ def check_run_record(model_dir: Path, record: dict) -> None:
   except (OSError, json.JSONDecodeError) as e:
     raise ModelDirError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
   before, now = stored.get("flags", {}), record.get("flags", {})
+  may_change = MAY_CHANGE
+  if before.get("meta_lr_schedule") == "cosine" and now.get("mode", "train") == "train":
+    # The cosine schedule anneals over --num_iterations: a longer or shorter resumed run would
+    # silently follow another schedule from the restored step on.
+    may_change = MAY_CHANGE - {"num_iterations"}
   differ = [f"--{k}={_show(before.get(k))} (now {_show(now.get(k))})"
             for k in sorted(set(before) | set(now))
-            if k not in MAY_CHANGE and before.get(k) != now.get(k)]
+            if k not in may_change and before.get(k) != now.get(k)]
   if stored.get("records") and record.get("records"):
     for k in ("dataset", "image_shape", "invert", "resample"):
       if stored["records"].get(k) != record["records"].get(k):

@@ -6,9 +6,12 @@ Shape of the pipeline (one element per source class, so parallelism is at class 
                                                   --errors---> ToList -> write _errors.json
 
 Errors travel as data rather than exceptions, so every runner reports them the same way and the
-driver can name the faulty file in one line. Workers write into a temporary folder beside the
-output; the driver checks the per-shard statistics against the listing, writes the manifest
-and only then renames the folder into place, so the output appears complete or not at all.
+driver can name the faulty file in one line. Workers read sources and write shards through
+Beam's filesystems, so a remote runner needs no shared disk and ``--output`` may be a bucket.
+The driver checks the per-shard statistics against the listing and commits: a local output is
+built in a temporary folder beside it and renamed into place whole; a remote one (object
+stores have no folder rename) gets its shards moved in from a temporary prefix and the manifest
+written last, so a reader, which refuses a folder without a manifest, never sees a half build.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import imaging, records
+from pipeline import imaging, records, storage
 from pipeline.checksums import sha256_file
 from pipeline.errors import DataError
 from pipeline.sources import ImageRef, SourceListing, WorkUnit, assign_shards
@@ -47,12 +51,15 @@ class EncodeUnitFn(beam.DoFn):
     self._zips = {}
 
   def _read(self, ref: ImageRef) -> bytes:
+    if ref.data is not None:
+      return ref.data
     if ref.archive is None:
-      with open(ref.member, "rb") as f:
-        return f.read()
+      return storage.beam_read(ref.member)
     zf = self._zips.get(ref.archive)
     if zf is None:
-      zf = self._zips[ref.archive] = zipfile.ZipFile(ref.archive)
+      opened = (storage.beam_open(ref.archive) if storage.is_remote(ref.archive)
+                else ref.archive)
+      zf = self._zips[ref.archive] = zipfile.ZipFile(opened)
     return zf.read(ref.member)
 
   def process(self, unit: WorkUnit):
@@ -91,29 +98,27 @@ class WriteShardFn(beam.DoFn):
     import tensorflow as tf  # workers import TF only here
     shard, blocks = item
     blocks = sorted(blocks, key=lambda b: b[0])
-    path = os.path.join(self._tmp_dir, shard)
-    partial = path + ".inprogress"
     classes, offset = [], 0
-    with tf.io.TFRecordWriter(partial) as writer:
-      for label, name, source_digest, block in blocks:
-        for serialized in block:
-          writer.write(serialized)
-        classes.append({"label": label, "name": name, "shard": shard, "offset": offset,
-                        "count": len(block), "source_sha256": source_digest})
-        offset += len(block)
-    tf.io.gfile.rename(partial, path, overwrite=True)
-    stats = {"shard": shard, "num_records": offset, "sha256": sha256_file(path),
-             "classes": classes}
-    stats_path = os.path.join(self._tmp_dir, STATS_DIR, shard + ".json")
-    with tf.io.gfile.GFile(stats_path + ".inprogress", "w") as f:
-      json.dump(stats, f)
-    tf.io.gfile.rename(stats_path + ".inprogress", stats_path, overwrite=True)
+    # The TFRecord framing is TensorFlow's; the bytes then travel through Beam's filesystems.
+    with tempfile.TemporaryDirectory() as local:
+      local_path = os.path.join(local, shard)
+      with tf.io.TFRecordWriter(local_path) as writer:
+        for label, name, source_digest, block in blocks:
+          for serialized in block:
+            writer.write(serialized)
+          classes.append({"label": label, "name": name, "shard": shard, "offset": offset,
+                          "count": len(block), "source_sha256": source_digest})
+          offset += len(block)
+      digest = sha256_file(local_path)
+      storage.beam_copy_file(local_path, storage.join(self._tmp_dir, shard))
+    stats = {"shard": shard, "num_records": offset, "sha256": digest, "classes": classes}
+    storage.beam_write(storage.join(self._tmp_dir, STATS_DIR, shard + ".json"),
+                       json.dumps(stats).encode())
     yield shard
 
 
 def _write_errors(errors: list, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(sorted(errors, key=lambda e: e["file"]), f)
+  storage.beam_write(path, json.dumps(sorted(errors, key=lambda e: e["file"])).encode())
 
 
 def default_pipeline_options(extra_args: Sequence[str] = ()) -> PipelineOptions:
@@ -130,12 +135,12 @@ def default_pipeline_options(extra_args: Sequence[str] = ()) -> PipelineOptions:
 
 
 def _run_pipeline(units: list[WorkUnit], spec: imaging.ImageSpec, tmp_dir: str,
-                  options: PipelineOptions) -> None:
-  os.makedirs(os.path.join(tmp_dir, STATS_DIR))
+                  options: PipelineOptions, read_units=None) -> None:
+  storage.beam_mkdirs(storage.join(tmp_dir, STATS_DIR))
   logging.getLogger("apache_beam").setLevel(max(logging.getLogger().level, logging.WARNING))
   with beam.Pipeline(options=options) as p:
-    encoded = (p
-               | "ListClasses" >> beam.Create(units)
+    listed = (p | "ListClasses" >> (read_units(units) if read_units else beam.Create(units)))
+    encoded = (listed
                | "Spread" >> beam.Reshuffle()
                | "Encode" >> beam.ParDo(EncodeUnitFn(spec)).with_outputs("errors", main="records"))
     _ = (encoded.records
@@ -143,13 +148,14 @@ def _run_pipeline(units: list[WorkUnit], spec: imaging.ImageSpec, tmp_dir: str,
          | "WriteShard" >> beam.ParDo(WriteShardFn(tmp_dir)))
     _ = (encoded.errors
          | "CollectErrors" >> beam.combiners.ToList()
-         | "WriteErrors" >> beam.Map(_write_errors, os.path.join(tmp_dir, ERRORS_FILE)))
+         | "WriteErrors" >> beam.Map(_write_errors, storage.join(tmp_dir, ERRORS_FILE)))
 
 
 def _check_and_collect(units: list[WorkUnit], tmp_dir: str, skip_corrupt: bool):
   """Reads what the workers left; raises DataError on any failure the run must not survive."""
-  errors_path = os.path.join(tmp_dir, ERRORS_FILE)
-  errors = json.loads(Path(errors_path).read_text()) if os.path.exists(errors_path) else []
+  errors_path = storage.join(tmp_dir, ERRORS_FILE)
+  errors = (json.loads(storage.beam_read(errors_path)) if storage.beam_exists(errors_path)
+            else [])
   fatal = [e for e in errors if e.get("fatal") or not skip_corrupt]
   if fatal:
     first = fatal[0]
@@ -157,9 +163,9 @@ def _check_and_collect(units: list[WorkUnit], tmp_dir: str, skip_corrupt: bool):
     hint = "" if skip_corrupt else "; --skip_corrupt skips such files and lists them in the manifest"
     raise DataError(f"{first['file']}: {first['reason']}{more}{hint}")
   shard_stats = {}
-  for name in os.listdir(os.path.join(tmp_dir, STATS_DIR)):
-    if name.endswith(".json"):
-      stats = json.loads(Path(tmp_dir, STATS_DIR, name).read_text())
+  for path in storage.beam_list(storage.join(tmp_dir, STATS_DIR)):
+    if path.endswith(".json"):
+      stats = json.loads(storage.beam_read(path))
       shard_stats[stats["shard"]] = stats
   written = {(s, c["label"]): c for s, st in shard_stats.items() for c in st["classes"]}
   skipped_files = {e["file"] for e in errors}
@@ -220,23 +226,32 @@ def build_records(listing: SourceListing, output: str | os.PathLike, spec: imagi
                   images_per_shard: int = 10000, overwrite: bool = False,
                   skip_corrupt: bool = False, beam_args: Sequence[str] = (),
                   build_args: dict | None = None) -> dict:
-  """Builds the records folder ``output`` from ``listing``; returns the manifest."""
-  output = Path(output)
-  if "://" in str(output):
-    raise DataError(f"--output={output}: only local (or mounted) folders are supported; the "
-                    f"atomic rename that guarantees a complete output needs one filesystem")
+  """Builds the records folder ``output`` (a local path or a URL) from ``listing``."""
+  output = storage.canonical(output)
+  units = assign_shards(listing.units, images_per_shard)
+  build_args = dict(build_args or {}, images_per_shard=images_per_shard,
+                    skip_corrupt=skip_corrupt)
+  options = default_pipeline_options(beam_args)
+
+  def build(tmp_dir: str) -> dict:
+    archive_sums = {os.path.basename(a): sha256_file(a) for a in listing.archives}
+    _run_pipeline(units, spec, tmp_dir, options, listing.read_units)
+    shard_stats, errors = _check_and_collect(units, tmp_dir, skip_corrupt)
+    return _manifest(listing, units, shard_stats, errors, spec, build_args, archive_sums)
+
+  if storage.is_remote(output):
+    return _build_remote(output, build, overwrite)
+  return _build_local(Path(output), build, overwrite)
+
+
+def _build_local(output: Path, build, overwrite: bool) -> dict:
+  """Builds beside ``output`` and renames the finished folder into place."""
   if output.exists() and not overwrite:
     raise DataError(f"--output={output} already exists; pass --overwrite to replace it")
-  units = assign_shards(listing.units, images_per_shard)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    archive_sums = {os.path.basename(a): sha256_file(a) for a in listing.archives}
-    _run_pipeline(units, spec, str(tmp_dir), default_pipeline_options(beam_args))
-    shard_stats, errors = _check_and_collect(units, str(tmp_dir), skip_corrupt)
-    manifest = _manifest(listing, units, shard_stats, errors, spec,
-                         dict(build_args or {}, images_per_shard=images_per_shard,
-                              skip_corrupt=skip_corrupt), archive_sums)
+    manifest = build(str(tmp_dir))
     shutil.rmtree(tmp_dir / STATS_DIR)
     (tmp_dir / ERRORS_FILE).unlink(missing_ok=True)
     (tmp_dir / records.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
@@ -251,3 +266,29 @@ def build_records(listing: SourceListing, output: str | os.PathLike, spec: imagi
   finally:
     if tmp_dir.exists():
       shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _build_remote(output: str, build, overwrite: bool) -> dict:
+  """Builds under a temporary prefix of ``output``, moves the shards in, writes the manifest
+  last. A replaced build loses its manifest first, so no reader mixes old and new shards."""
+  manifest_path = storage.join(output, records.MANIFEST_NAME)
+  old_shards = [p for p in storage.beam_list(output)
+                if p.endswith(".tfrecord") and "/_tmp-" not in p]
+  if storage.beam_exists(manifest_path) and not overwrite:
+    raise DataError(f"--output={output} already holds records; pass --overwrite to replace them")
+  if old_shards and not overwrite:
+    raise DataError(f"--output={output} holds {len(old_shards)} shard(s) but no manifest (an "
+                    f"interrupted build?); pass --overwrite to replace them")
+  tmp_dir = storage.join(output, f"_tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    manifest = build(tmp_dir)
+    storage.beam_delete([manifest_path])
+    storage.beam_delete(old_shards)
+    for split in manifest["splits"].values():
+      for shard in split["shards"]:
+        storage.beam_rename(storage.join(tmp_dir, shard["file"]),
+                            storage.join(output, shard["file"]))
+    storage.beam_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    return manifest
+  finally:
+    storage.beam_delete(storage.beam_list(tmp_dir) + [tmp_dir])

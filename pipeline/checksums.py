@@ -7,8 +7,14 @@ import os
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+  """Local paths and, through Beam's filesystems, remote ones (``gs://``)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  if "://" in str(path):
+    from pipeline import storage  # pylint: disable=import-outside-toplevel
+    opened = storage.beam_open(str(path))
+  else:
+    opened = open(path, "rb")
+  with opened as f:
     while block := f.read(chunk):
       digest.update(block)
   return digest.hexdigest()

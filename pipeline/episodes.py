@@ -14,12 +14,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline import records, streams
+from pipeline import records, storage, streams
 from pipeline.errors import DataError
 
 DECODE_MODES = ("memory", "per_episode")
@@ -56,13 +55,13 @@ class ClassIndexedImages:
 
 
 def read_manifest(records_dir: str | os.PathLike) -> dict:
-  path = Path(records_dir) / records.MANIFEST_NAME
-  if not path.is_file():
+  path = storage.join(records_dir, records.MANIFEST_NAME)
+  if not storage.is_file(path):
     raise DataError(f"{path}: no manifest; build the records with tools/build_tfrecords.py "
-                    f"(an interrupted build leaves no folder at all)")
+                    f"(the manifest is written last: an interrupted build leaves none)")
   try:
-    manifest = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+    manifest = json.loads(storage.read_text(path))
+  except (OSError, json.JSONDecodeError, tf.errors.OpError) as e:
     raise DataError(f"{path}: unreadable manifest ({e})") from e
   if manifest.get("schema_version") != records.SCHEMA_VERSION:
     raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code "
@@ -77,18 +76,18 @@ def verify_split(records_dir: str | os.PathLike, split: str, *, sha256: bool = F
   """Checks a split's shards against the manifest before a run relies on them: each file is
   there and reads to its recorded number of records (a truncated shard fails here, named);
   with ``sha256``, its bytes hash to the recorded digest."""
-  records_dir = Path(records_dir)
+  records_dir = storage.canonical(records_dir)
   manifest = read_manifest(records_dir)
   if split not in manifest["splits"]:
-    raise DataError(f"{records_dir / records.MANIFEST_NAME}: no split {split!r} "
+    raise DataError(f"{storage.join(records_dir, records.MANIFEST_NAME)}: no split {split!r} "
                     f"(has {', '.join(manifest['splits'])})")
   for shard in manifest["splits"][split]["shards"]:
-    path = records_dir / shard["file"]
-    if not path.is_file():
+    path = storage.join(records_dir, shard["file"])
+    if not storage.is_file(path):
       raise DataError(f"{path}: shard of split {split!r} listed in the manifest is missing")
     if sha256:
       digest = hashlib.sha256()
-      with open(path, "rb") as f:
+      with tf.io.gfile.GFile(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
           digest.update(chunk)
       if digest.hexdigest() != shard["sha256"]:
@@ -110,10 +109,9 @@ def load_split(records_dir: str | os.PathLike, split: str, *,
   """Reads a split's shards once, checks them against the manifest and keeps them in memory."""
   if decode not in DECODE_MODES:
     raise DataError(f"decode={decode!r}: must be one of {DECODE_MODES}")
-  records_dir = Path(records_dir).resolve()
-  manifest_path = records_dir / records.MANIFEST_NAME
-  key = (str(records_dir), split, decode,
-         manifest_path.stat().st_mtime_ns if manifest_path.exists() else None)
+  records_dir = storage.canonical(records_dir)
+  manifest_path = storage.join(records_dir, records.MANIFEST_NAME)
+  key = (records_dir, split, decode, storage.modified_ns(manifest_path))
   if key in _CACHE:
     return _CACHE[key]
   manifest = read_manifest(records_dir)
@@ -123,8 +121,9 @@ def load_split(records_dir: str | os.PathLike, split: str, *,
   shape = tuple(manifest["image_shape"])
   shards = [s["file"] for s in info["shards"]]
   for shard in shards:
-    if not (records_dir / shard).is_file():
-      raise DataError(f"{records_dir / shard}: shard listed in the manifest is missing")
+    if not storage.is_file(storage.join(records_dir, shard)):
+      raise DataError(f"{storage.join(records_dir, shard)}: shard listed in the manifest is "
+                      f"missing")
   # Where each class starts in the concatenation of the shards, read in manifest order.
   shard_base, base = {}, 0
   for s in info["shards"]:
@@ -141,7 +140,7 @@ def load_split(records_dir: str | os.PathLike, split: str, *,
           tf.io.decode_image(image, channels=shape[2], expand_animations=False), shape)
     return image, example["label"]
 
-  files = [str(records_dir / s) for s in shards]
+  files = [storage.join(records_dir, s) for s in shards]
   ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20)
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   try:
@@ -159,7 +158,7 @@ def load_split(records_dir: str | os.PathLike, split: str, *,
 
 
 def _check_labels(labels: np.ndarray, classes: list[dict], shards: list[dict],
-                  records_dir: Path) -> None:
+                  records_dir: str) -> None:
   """Fails naming the class and shard whose records disagree with the manifest."""
   expected = sum(c["count"] for c in classes)
   position = 0
@@ -169,7 +168,7 @@ def _check_labels(labels: np.ndarray, classes: list[dict], shards: list[dict],
       got = labels[position + c["offset"]: position + c["offset"] + c["count"]]
       if len(got) < c["count"] or np.any(got != c["label"]):
         found = int(np.sum(labels == c["label"]))
-        raise DataError(f"{records_dir / s['file']}: class {c['name']} (label {c['label']}) has "
+        raise DataError(f"{storage.join(records_dir, s['file'])}: class {c['name']} (label {c['label']}) has "
                         f"{found} records, the manifest promises {c['count']}")
     position += s["num_records"]
   if len(labels) != expected:

@@ -25,5 +25,6 @@ def datasets_root() -> Path:
 
 
 def default_records_dir(dataset: str) -> Path:
-  """Where ``tools/build_tfrecords.py`` writes when ``--output`` is not given."""
-  return REPO_ROOT / "data" / "records" / dataset
+  """Where ``tools/build_tfrecords.py`` writes when ``--output`` is not given (and the
+  trainer reads without ``--data_dir``): ``data/records/tfds_cifar100`` for tfds:cifar100."""
+  return REPO_ROOT / "data" / "records" / dataset.replace(":", "_")

@@ -15,8 +15,9 @@ import io
 import random
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from pipeline import storage
 from pipeline.errors import DataError
 
 OMNIGLOT_SETS = ("images_background", "images_evaluation")
@@ -29,9 +30,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-  """One source image: a member of a zip archive, or a plain file when ``archive`` is None."""
+  """One source image: a member of a zip archive, or a plain file when ``archive`` is None.
+
+  ``data`` carries the encoded bytes when a pipeline stage has already read them (TFDS).
+  """
   archive: str | None
   member: str
+  data: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def describe(self) -> str:
     return f"{self.archive}:{self.member}" if self.archive else self.member
@@ -61,6 +66,9 @@ class SourceListing:
   units: list[WorkUnit]
   archives: list[str]  # files whose SHA-256 the manifest records (zips, CSVs)
   info: dict  # facts about the source for the manifest (character counts, split scheme, ...)
+  # A Beam PTransform from the pipeline root to the work units with their image bytes, for
+  # sources the driver cannot cheaply address image by image (TFDS); None: Create(units).
+  read_units: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +216,14 @@ def list_omniglot(source: str, *, split_scheme: str = "maml",
 # MiniImagenet
 
 
-def _read_split_csv(path: Path) -> list[tuple[int, str, str]]:
-  """(row number, filename, label) rows of a Ravi & Larochelle split CSV."""
+def read_split_csv(path: str | Path) -> list[tuple[int, str, str]]:
+  """(row number, filename, label) rows of a Ravi & Larochelle split CSV (local or remote)."""
   try:
-    text = path.read_text(encoding="utf-8")
-  except OSError as e:
+    if storage.is_remote(path):
+      text = storage.beam_read(str(path)).decode("utf-8")
+    else:
+      text = Path(path).read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
     raise DataError(f"{path}: cannot read ({e})") from e
   reader = csv.reader(io.StringIO(text))
   header = next(reader, None)
@@ -259,7 +270,7 @@ def list_miniimagenet(source: str) -> SourceListing:
     if not csv_path.is_file():
       raise DataError(f"--source={source}: {split}.csv is missing")
     by_class: dict[str, list[ImageRef]] = {}
-    for row_number, filename, label in _read_split_csv(csv_path):
+    for row_number, filename, label in read_split_csv(csv_path):
       if filename not in available:
         raise DataError(f"{csv_path}: row {row_number}: {filename} not found in {where}")
       if label in seen_classes and seen_classes[label] != split:
@@ -272,6 +283,54 @@ def list_miniimagenet(source: str) -> SourceListing:
   archives = ([archive] if archive else []) + [str(root / f"{s}.csv") for s in MINI_SPLITS]
   info = {"num_images": sum(len(u.images) for u in units), "num_classes": len(units)}
   return SourceListing("miniimagenet", units, archives, info)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_split_ratios(text: str) -> tuple[float, float, float]:
+  """``"0.6,0.2,0.2"`` -> the train/val/test shares of the classes (positive, summing to 1)."""
+  try:
+    ratios = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    ratios = ()
+  if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+    raise DataError(f"--split_ratios={text}: expected three positive shares of the classes for "
+                    f"train,val,test summing to 1, e.g. 0.6,0.2,0.2")
+  return ratios  # type: ignore[return-value]
+
+
+def split_by_ratios(names: Sequence[str], ratios: Sequence[float], seed: int
+                    ) -> dict[str, list[str]]:
+  """Classes to train/val/test: sorted, shuffled with ``random.Random(seed)``, then cut by the
+  shares (rounded; test takes the rest). Each split sorted by name. Every split needs 2."""
+  shuffled = sorted(names)
+  random.Random(seed).shuffle(shuffled)
+  n_train = round(ratios[0] * len(shuffled))
+  n_val = round(ratios[1] * len(shuffled))
+  cut = {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
+         "test": shuffled[n_train + n_val:]}
+  check_split_sizes({k: len(v) for k, v in cut.items()},
+                    f"--split_ratios={','.join(f'{r:g}' for r in ratios)}")
+  return {k: sorted(v) for k, v in cut.items()}
+
+
+def check_split_sizes(sizes: dict[str, int], what: str) -> None:
+  for split in SPLITS:
+    if sizes.get(split, 0) < 2:
+      raise DataError(f"{what}: split {split!r} gets {sizes.get(split, 0)} of "
+                      f"{sum(sizes.values())} classes; every split needs at least 2 (an "
+                      f"episode needs 2 classes)")
+
+
+def units_for_splits(splits: dict[str, list[str]],
+                     refs: dict[str, Sequence[ImageRef]]) -> list[WorkUnit]:
+  """One work unit per class; labels 0..n-1 within each split in the order given."""
+  units = []
+  for split in SPLITS:
+    for label, name in enumerate(splits.get(split, ())):
+      units.append(WorkUnit(name, tuple(refs[name]), (OutputClass(split, label, name),)))
+  return units
 
 
 def assign_shards(units: Sequence[WorkUnit], images_per_shard: int) -> list[WorkUnit]:

@@ -91,6 +91,23 @@ def omniglot_records(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar_records(tmp_path_factory) -> dict[str, Path]:
+  """CIFAR-FS and FC100 records from TFDS's mock CIFAR-100 (random pixels and labels, nothing
+  downloaded): 3,000 examples per TFDS split, so every class has the 16 images a 5w1s
+  15-query episode needs."""
+  import tensorflow_datasets as tfds
+  root = tmp_path_factory.mktemp("cifar")
+  built = {}
+  with tfds.testing.mock_data(num_examples=3000, policy=tfds.testing.MockPolicy.USE_CODE,
+                              data_dir=str(root / "tfds")):
+    for name in ("cifarfs", "fc100"):
+      datasets.build_dataset(name, output=root / name, tfds_data_dir=str(root / "tfds"),
+                             tfds_splits=("train", "test"), beam_args=FAST_BEAM)
+      built[name] = root / name
+  return built
+
+
+@pytest.fixture(scope="session")
 def mini_records(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("records") / "miniimagenet"
   datasets.build_dataset("miniimagenet", source=real_dataset("miniimagenet_subset"), output=out,

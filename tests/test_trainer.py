@@ -90,7 +90,7 @@ def test_every_paper_config_parses_and_documents_itself():
     assert "--loss_reduction=original" in text and "Fidelity:" in text, name
 
 
-def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records):
+def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records, cifar_records):
   """Each flagfile through its family's factory: flags that apply, a task, a learner."""
   script = textwrap.dedent("""
       import sys
@@ -98,7 +98,7 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
       import tensorflow as tf
       from absl import flags
       from trainer import config, family
-      records = {"omniglot": sys.argv[1], "miniimagenet": sys.argv[2]}
+      records = dict(zip(["omniglot", "miniimagenet", "cifarfs", "fc100"], sys.argv[1:]))
       FLAGS = flags.FLAGS
       for path in sorted(Path("configs").glob("*.cfg")):
         FLAGS.unparse_flags()
@@ -118,7 +118,8 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
               type(built.learner).__name__, flush=True)
   """)
   result = subprocess.run([sys.executable, "-c", script, str(omniglot_records),
-                           str(mini_records)], capture_output=True, text=True, cwd=REPO,
+                           str(mini_records), str(cifar_records["cifarfs"]),
+                           str(cifar_records["fc100"])], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
@@ -129,6 +130,7 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
   assert set(rows) == configs
   assert {r[-1] for k, r in rows.items() if k.startswith("rl_")} == {"RLMetaLearner"}
   assert rows["sinusoid_5shot"][-1] == "MetaLearner"
+  assert rows["cifarfs_5w1s"][2] == rows["fc100_5w1s"][2] == "no_norm"
 
 
 # --- checkpoints -----------------------------------------------------------------------------

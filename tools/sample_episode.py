@@ -38,14 +38,17 @@ flags.DEFINE_integer("seed", 0, "Chooses the classes and images.")
 flags.DEFINE_string("output", None, "Folder to create.")
 
 
-def _source_files(data_dir: Path, cls: dict) -> list[str]:
-  """The source images of one class, as the records name them (``archive.zip:member`` or path)."""
+def _source_files(data_dir: Path, cls: dict) -> list[tuple[str, bytes]]:
+  """The source images of one class as the records name them (``archive.zip:member``, a path,
+  or ``tfds:NAME/split/index``), with the image bytes the records hold."""
   dataset = tf.data.TFRecordDataset(str(data_dir / cls["shard"]))
   dataset = dataset.skip(cls["offset"]).take(cls["count"]).map(records.parse)
-  return [r["filename"].numpy().decode() for r in dataset]
+  return [(r["filename"].numpy().decode(), r["image"].numpy()) for r in dataset]
 
 
-def _read(source: str) -> bytes:
+def _read(source: str, stored: bytes) -> bytes:
+  if source.startswith("tfds:"):  # TFDS examples have no file; the records keep their pixels
+    return stored
   archive, sep, member = source.partition(".zip:")
   if sep:
     with zipfile.ZipFile(archive + ".zip") as zf:
@@ -84,13 +87,14 @@ def _write(data_dir: Path, chosen: list[dict], k_shot: int, k_query: int, rng: r
     name = cls["name"].removesuffix("/rot000").replace("/", "_")
     names.append(name)
     files = rng.sample(_source_files(data_dir, cls), k_shot + k_query)
-    for i, source in enumerate(files):
-      suffix = Path(source).suffix or ".png"
+    for i, (source, stored) in enumerate(files):
+      suffix = ((".jpg" if stored[:2] == b"\xff\xd8" else ".png") if source.startswith("tfds:")
+                else (Path(source).suffix or ".png"))
       target = (partial / "support" / name / f"{i}{suffix}" if i < k_shot else
                 partial / "query" / f"{name}__{i - k_shot}{suffix}")
       target.parent.mkdir(parents=True, exist_ok=True)
       try:
-        target.write_bytes(_read(source))
+        target.write_bytes(_read(source, stored))
       except (OSError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"{source}: cannot read the source image the records came from "
                         f"({e})") from None

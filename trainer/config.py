@@ -18,15 +18,21 @@ from absl import flags
 from pipeline import paths
 from rl.maml_rl import TRPOConfig  # TensorFlow only: the RL extra is not needed
 from trainer import distribute, maml, models, optim
+from trainer import family as family_registry
 
 _MODEL, _META, _ADAM, _TRPO = models.ModelConfig, maml.MetaConfig, optim.AdamConfig, TRPOConfig
 
 FLAGS = flags.FLAGS
 
 # --- what to learn ---
-flags.DEFINE_enum("dataset", "omniglot", ["omniglot", "miniimagenet", "sinusoid", "rl"],
-                  "Task family. Image datasets read --data_dir; sinusoid is generated; rl "
-                  "meta-trains a policy on --env (needs the 'rl' extra).")
+flags.DEFINE_string("dataset", "omniglot",
+                    "Task: an image dataset whose records --data_dir holds (omniglot, "
+                    "miniimagenet, folder, cifarfs, fc100, tfds:NAME[:CONFIG]: what "
+                    "tools/build_tfrecords.py was given); sinusoid (generated); rl (a policy "
+                    "meta-trained on --env; needs the 'rl' extra).")
+flags.register_validator(
+    "dataset", lambda v: any(f.serves(v) for f in family_registry.FAMILIES),
+    "must be omniglot, miniimagenet, folder, cifarfs, fc100, tfds:NAME[:CONFIG], sinusoid or rl")
 flags.DEFINE_string("data_dir", None, "Records folder from tools/build_tfrecords.py "
                     "(default data/records/<dataset>). Unused for sinusoid.")
 flags.DEFINE_integer("n_way", 5, "Classes per episode.", lower_bound=1)

@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from pipeline.errors import DataError  # noqa: E402
-from trainer import config, evaluation, maml, models  # noqa: E402
+from trainer import config, evaluation, family, maml, models  # noqa: E402
 from trainer import model_dir as guard  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -75,7 +75,7 @@ def load_run_record(model_dir: Path, from_flags: bool) -> dict:
                       f"--flagfile=configs/<name>.cfg --data_dir=<records>")
   from trainer import supervised  # the trainer's own resolution of its flags
   values = {name: FLAGS[name].value for name in config.flag_names()}
-  if values["dataset"] not in ("omniglot", "miniimagenet"):
+  if family.family_of(values["dataset"]).name != "images":
     raise ExportError(f"--dataset={values['dataset']}: only image classifiers can be exported")
   task = supervised.image_task(values)
   model = config.model_config(values, task.image_shape)

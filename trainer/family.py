@@ -83,9 +83,13 @@ _RL = frozenset({"env", "env_kwargs", "rollouts_per_task", "horizon", "gamma", "
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
-  datasets: tuple[str, ...]  # values of --dataset it serves
+  datasets: tuple[str, ...]  # values of --dataset it serves; "x:*" serves every "x:..."
   flags: frozenset[str]  # flags it reads beyond COMMON_FLAGS
   builder: str  # "module:function" of build(values, strategy) -> Built
+
+  def serves(self, dataset: str) -> bool:
+    return any(dataset == d or (d.endswith(":*") and dataset.startswith(d[:-1]))
+               for d in self.datasets)
 
   def build(self, values: dict, strategy: tf.distribute.Strategy) -> Built:
     module, function = self.builder.split(":")
@@ -97,7 +101,9 @@ class Family:
 
 
 FAMILIES = (
-    Family("images", ("omniglot", "miniimagenet"), _IMAGES, "trainer.supervised:build_images"),
+    # Records built by tools/build_tfrecords.py: --dataset names what the manifest says.
+    Family("images", ("omniglot", "miniimagenet", "folder", "cifarfs", "fc100", "tfds:*"),
+           _IMAGES, "trainer.supervised:build_images"),
     Family("sinusoid", ("sinusoid",), _SUPERVISED, "trainer.supervised:build_sinusoid"),
     Family("rl", ("rl",), _RL, "rl.family:build"),
 )
@@ -105,7 +111,7 @@ FAMILIES = (
 
 def family_of(dataset: str) -> Family:
   for family in FAMILIES:
-    if dataset in family.datasets:
+    if family.serves(dataset):
       return family
   raise DataError(f"--dataset={dataset}: no task family serves it")
 
@@ -116,3 +122,7 @@ def refuse_inapplicable(family: Family, given: set[str]) -> None:
     raise DataError(f"{', '.join('--' + f for f in extra)} do(es) not apply to "
                     f"--dataset={'/'.join(family.datasets)} and would be ignored; remove "
                     f"{'it' if len(extra) == 1 else 'them'}")
+
+
+def known_datasets() -> list[str]:
+  return [d for family in FAMILIES for d in family.datasets]

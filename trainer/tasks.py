@@ -7,7 +7,6 @@ evaluation ``valid`` and ``episode_id``); tasks map their pipeline's names onto 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import tensorflow as tf
 
@@ -34,7 +33,7 @@ def _rename(batch: dict, kind: str) -> dict:
 @dataclasses.dataclass
 class FewShotClassification:
   """N-way K-shot classification on a records folder built by tools/build_tfrecords.py."""
-  data_dir: Path
+  data_dir: str  # a folder or a URL (gs://...)
   n_way: int
   k_shot: int
   k_query: int

@@ -1,16 +1,30 @@
 # Two commands do all the set-up: `make demo` and `make test` (see README.md).
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+#   TF=cpu    TensorFlow 2.21 (default)          TF=tf220  TensorFlow 2.20, CPU wheel
+#   TF=gpu    TensorFlow 2.21 + CUDA wheels      TF=tpu    tensorflow-tpu 2.20 + libtpu
+# Each TF choice gets its own virtualenv (.venv, .venv-tf220, .venv-gpu, .venv-tpu): the four
+# are different distributions of the one `tensorflow` module and must not share one.
+TF ?= cpu
+SUPPORTED_PYTHONS := 3.11 3.12 3.13
+ifeq ($(TF),cpu)
+VENV ?= .venv
+else
+VENV ?= .venv-$(TF)
+endif
+# The first supported interpreter on PATH (PYTHON=/path/to/python overrides).
+PYTHON ?= $(firstword $(foreach v,$(SUPPORTED_PYTHONS),$(shell command -v python$(v))) $(shell command -v python3))
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(TF)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test bench clean
 
 $(STAMP): setup.cfg pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required; set PYTHON=/path/to/python3.11")'
+	@case "$(TF)" in cpu|tf220|gpu|tpu) ;; *) echo "TF=$(TF): choose cpu, tf220, gpu or tpu"; exit 2;; esac
+	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; ok = "$(SUPPORTED_PYTHONS)".split(); sys.exit(0 if v in ok else "$(PYTHON) is Python %s; this project needs one of %s (every pinned wheel exists for those): set PYTHON=/path/to/python3.11" % (v, ", ".join(ok)))'
+	@other=$$(ls $(VENV)/.installed-* 2>/dev/null | grep -v -- '-$(TF)$$' | head -1); if [ -n "$$other" ]; then echo "$(VENV) holds another TensorFlow build ($${other##*-}); use another VENV= or remove $(VENV)"; exit 2; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,rl]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,rl,$(TF)]'
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,4 +40,4 @@ bench: install
 	$(BIN)/python bench/bench_pipeline.py
 
 clean:
-	rm -rf $(VENV) data *.egg-info
+	rm -rf .venv .venv-tf220 .venv-gpu .venv-tpu data *.egg-info

@@ -6,22 +6,48 @@ import os
 
 import tensorflow as tf
 
+from pipeline.errors import DataError
+
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+class MissingDeviceError(DataError):
+  """The strategy asked for needs devices this TensorFlow does not see; says how to get them."""
+
+
+def _tpu_resolver(tpu: str):
+  """The TPU cluster resolver, or one line on what is missing (no TPU, or a non-TPU build)."""
+  build = f"TensorFlow {tf.__version__}"
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise MissingDeviceError(
+        f"--strategy=tpu{' --tpu=' + tpu if tpu else ''}: no TPU reachable from {build} "
+        f"({reason}); on a Cloud TPU VM install TensorFlow's TPU build with make install "
+        f"TF=tpu (pip install -e .[tpu]: tensorflow-tpu 2.20 and libtpu) and pass --tpu=local")
+  return resolver
 
 
 def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
   """``auto``: MirroredStrategy over several GPUs, one device otherwise."""
   if name == "tpu":
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.TPUStrategy(_tpu_resolver(tpu))
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:
       raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
                        "(cluster spec and this worker's task)")
     return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
+  if name == "mirrored" and not gpus:
+    cuda = "built with CUDA" if tf.test.is_built_with_cuda() else "a build without CUDA"
+    raise MissingDeviceError(
+        f"--strategy=mirrored: no GPU visible to TensorFlow {tf.__version__} ({cuda}); on a "
+        f"multi-GPU host install the GPU build with make install TF=gpu (pip install -e .[gpu]: "
+        f"TensorFlow with CUDA's libraries) and check nvidia-smi; on one device use "
+        f"--strategy=auto")
   if name == "mirrored" or (name == "auto" and len(gpus) > 1):
     return tf.distribute.MirroredStrategy()
   if name in ("one_device", "auto"):

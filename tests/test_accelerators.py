@@ -1,0 +1,70 @@
+"""What a CPU can test of the GPU/TPU paths: the XLA-compiled conv4 meta-step replicated over
+two logical devices, and the one-line refusal of a strategy whose devices are not there."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import FAST_BEAM, SINUSOID, error_line, make_tiny_omniglot, run_script, trainer
+from pipeline import datasets
+
+
+@pytest.fixture(scope="module")
+def small_omniglot(tmp_path_factory):
+  root = tmp_path_factory.mktemp("accel")
+  src = make_tiny_omniglot(root / "src", layout="folder")
+  out = root / "records"
+  datasets.build_dataset("omniglot", source=src, output=out, split_scheme="lake",
+                         image_size=12, beam_args=FAST_BEAM)
+  return out
+
+
+def test_xla_conv4_meta_step_mirrored_over_two_devices_equals_one_device(small_omniglot):
+  """The GPU/TPU configuration (jit_compile=True, replicas summing their meta-gradients) on
+  two logical CPUs: three meta-steps give the one-device weights and metrics."""
+  script = textwrap.dedent(f"""
+      import numpy as np, tensorflow as tf
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+      from trainer import learner, maml, models, optim, tasks
+      task = tasks.FewShotClassification({str(small_omniglot)!r}, n_way=3, k_shot=1, k_query=1,
+                                         eval_k_query=1, meta_batch_size=4, eval_batch_size=4,
+                                         seed=0)
+      cfg = models.ModelConfig("conv4", task.image_shape, 3, num_filters=4, norm="batch_norm")
+      meta = maml.MetaConfig(1, 0.4, loss="softmax")
+      def run(strategy):
+        l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
+                                meta_batch_size=4, eval_inner_steps=1, jit_compile=True)
+        means = l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+        return ({{k: float(v) for k, v in means.items()}},
+                {{k: v.numpy() for k, v in l.params.items()}})
+      m1, p1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+      m2, p2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+      for k in m1:
+        assert abs(m1[k] - m2[k]) <= 1e-5 * max(1, abs(m1[k])), (k, m1[k], m2[k])
+      for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-4, atol=1e-5, err_msg=k)
+      start = models.init_params(cfg, 0)
+      kernels = [k for k in p1 if k.endswith("/kernel")]
+      assert len(kernels) == 5, kernels
+      assert all(np.abs(p1[k] - start[k]).max() > 1e-5 for k in kernels), "no update"
+      print("OK")
+  """)
+  result = run_script(script)
+  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("tpu", "--strategy=tpu: no TPU reachable from TensorFlow"),
+    ("mirrored", "--strategy=mirrored: no GPU visible to TensorFlow"),
+])
+def test_a_strategy_without_its_devices_is_one_line_saying_what_to_install(tmp_path, strategy,
+                                                                           expected):
+  result = trainer(*SINUSOID, f"--strategy={strategy}", "--num_iterations=1",
+                   f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  line = error_line(result.stderr)
+  assert expected in line and f"make install TF={'tpu' if strategy == 'tpu' else 'gpu'}" in line
+  assert not (tmp_path / "run" / "ckpt").exists()

@@ -35,10 +35,15 @@ flags.DEFINE_list("jit", ["false"], "XLA settings to run (false,true). XLA on a 
                   "takes minutes per conv case.")
 flags.DEFINE_list("task_chunks", ["0"], "--task_chunk values to run (0: all tasks at once); "
                   "a chunked case runs the learner's own chunk loop.")
+flags.DEFINE_list("remats", ["false"], "--remat settings to run (false,true): recompute each "
+                  "inner step's activations in the backward pass.")
+flags.DEFINE_list("inner_steps_sweep", [], "Inner-step counts to run each case at instead of "
+                  "its config's (the memory and time vs inner steps plot).")
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up/compile step).")
 flags.DEFINE_string("records", None, "Omniglot records: also time the learner's training loop "
                     "fed by the real sampler (5w1s, 15 query, meta-batch 32).")
-flags.DEFINE_string("single", None, "Internal: run one case as 'case,order,jit,chunk'.")
+flags.DEFINE_string("single", None,
+                    "Internal: run one case as 'case,order,jit,chunk,remat,inner_steps'.")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 # The shapes public MAML peers were compared at (README "Measured"): the paper's architecture,
@@ -95,12 +100,15 @@ def run_single(spec: str) -> dict:
   import tensorflow as tf
   import dataclasses
   from trainer import config, maml, models
-  case, order, jit, chunk = spec.split(",")
+  case, order, jit, chunk, remat, inner = spec.split(",")
   chunk = int(chunk)
   values = case_values(case)
+  if inner:
+    values["inner_steps"] = int(inner)
   shape = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}.get(values["dataset"])
   cfg = config.model_config(values, shape)
-  meta = dataclasses.replace(config.meta_config(values), first_order=order == "first")
+  meta = dataclasses.replace(config.meta_config(values), first_order=order == "first",
+                             remat=remat == "true")
   is_regression = cfg.kind == "mlp"
   n = 1 if is_regression else values["n_way"]
   k, q, batch, steps = (values["k_shot"], values["k_query"], values["meta_batch_size"],
@@ -130,6 +138,7 @@ def run_single(spec: str) -> dict:
     phase = meta_learner._phase(0)  # pylint: disable=protected-access
     step = tf.function(lambda p, r, b: meta_learner._meta_gradients(  # pylint: disable=protected-access
         phase, p, r, b, tf.constant(0, tf.int64)))
+  baseline, _ = peak_memory_mb(tf)  # the process with TF, the model and the inputs
   start = time.perf_counter()
   tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
   compile_s = time.perf_counter() - start
@@ -140,11 +149,14 @@ def run_single(spec: str) -> dict:
     times.append(time.perf_counter() - start)
   memory, kind = peak_memory_mb(tf)
   median = float(np.median(times))
-  return {"bench": "meta_step", "case": case, "order": order, "jit_compile": jit == "true",
-          "task_chunk": chunk, "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
+  variant = "+".join(([f"task_chunk={chunk}"] if chunk else []) +
+                     (["remat"] if meta.remat else [])) or "default"
+  return {"bench": "meta_step", "case": case, "variant": variant, "order": order,
+          "jit_compile": jit == "true", "task_chunk": chunk, "remat": meta.remat, "meta_batch_size": batch, "inner_steps": steps, "n_way": n, "k_shot": k,
           "k_query": q, "seconds_per_step": round(median, 4),
           "tasks_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),
           "max_rss_mb" if kind == "max_rss" else "gpu_peak_mb": round(memory, 1),
+          "net_peak_mb": round(memory - (baseline if kind == "max_rss" else 0.0), 1),
           "device": device(tf)}
 
 
@@ -188,9 +200,11 @@ def main(_):
     return
   for case in FLAGS.cases:
     for order in FLAGS.orders:
-      for jit, chunk in ((j, c) for j in FLAGS.jit for c in FLAGS.task_chunks):
+      for jit, chunk, remat, inner in ((j, c, r, i) for j in FLAGS.jit
+                                       for c in FLAGS.task_chunks for r in FLAGS.remats
+                                       for i in FLAGS.inner_steps_sweep or [""]):
         result = subprocess.run(
-            [sys.executable, __file__, f"--single={case},{order},{jit},{chunk}",
+            [sys.executable, __file__, f"--single={case},{order},{jit},{chunk},{remat},{inner}",
              f"--steps={FLAGS.steps}"], capture_output=True, text=True)
         line = [l for l in result.stdout.splitlines() if l.startswith("{")]
         if result.returncode or not line:

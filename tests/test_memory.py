@@ -1,4 +1,5 @@
-"""Memory options keep the meta-gradient exact: computing it in task chunks."""
+"""Memory options keep the meta-gradient exact: task chunks, recomputed inner steps, mixed
+precision within its bound."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ SCRIPT = textwrap.dedent("""
                              stat_slots=3)
     meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True)
 
-    def make(strategy, chunk, jit):
-      return learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
-                                 meta_batch_size=8, eval_inner_steps=2, jit_compile=jit,
-                                 task_chunk=chunk)
+    import dataclasses
 
-    def meta_gradient(strategy, chunk, jit):
+    def make(strategy, chunk, jit, remat=False):
+      return learner.MetaLearner(strategy, cfg, dataclasses.replace(meta, remat=remat),
+                                 optim.AdamConfig(1e-2), seed=0, meta_batch_size=8,
+                                 eval_inner_steps=2, jit_compile=jit, task_chunk=chunk)
+
+    def meta_gradient(strategy, chunk, jit, remat=False):
       # The learner's own per-replica computation, all-reduced as in its train step.
-      l = make(strategy, chunk, jit)
+      l = make(strategy, chunk, jit, remat)
       batch = next(iter(task.train_data(strategy, 0)))
       def replica(b):
         params, lrs = l._values()
@@ -45,13 +48,15 @@ SCRIPT = textwrap.dedent("""
     # XLA and graph mode (each ~1e-3 from float64): chunks are compared within one mode.
     refs = {jit: meta_gradient(one, 0, jit) for jit in (False, True)}
     assert any(k.startswith("moments/") for k in refs[False])
-    for strategy, chunk, jit in ((one, 2, False), (one, 1, False), (two, 2, False),
-                                 (one, 4, True)):
-      got = meta_gradient(strategy, chunk, jit)
+    for strategy, chunk, jit, remat in ((one, 2, False, False), (one, 1, False, False),
+                                        (two, 2, False, False), (one, 4, True, False),
+                                        (one, 0, False, True), (two, 0, False, True),
+                                        (one, 2, False, True), (one, 0, True, True)):
+      got = meta_gradient(strategy, chunk, jit, remat)
       for k, expected in refs[jit].items():
         scale = np.abs(expected).max() + 1e-12
         np.testing.assert_allclose(got[k] / scale, expected / scale, atol=1e-5,
-                                   err_msg=f"{k} chunk={chunk} jit={jit}")
+                                   err_msg=f"{k} chunk={chunk} jit={jit} remat={remat}")
     # End to end: chunked training follows the same path (losses over three steps).
     losses = []
     for chunk in (0, 2):
@@ -68,9 +73,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_task_chunks_give_the_same_meta_gradient_as_all_tasks_at_once():
-  """Chunks of 1, 2 and 4 tasks, under one device, two mirrored replicas and XLA: the same
-  meta-gradient (weights and learned rates), metric sums and batch moments."""
+def test_task_chunks_and_remat_give_the_same_meta_gradient_as_all_tasks_at_once():
+  """Chunks of 1, 2 and 4 tasks, recomputed inner steps, and both, under one device, two
+  mirrored replicas and XLA: the same meta-gradient (weights and learned rates), metric sums
+  and batch moments."""
   result = run_script(SCRIPT)
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
@@ -136,3 +142,56 @@ def test_float16_conv4_is_refused_on_cpu_at_start(tmp_path, omniglot_records):
   assert "--compute_dtype=float16: TensorFlow has no float16 gradients" in error_line(
       result.stderr)
   assert not (tmp_path / "run").exists()
+
+
+REMAT_CASES = textwrap.dedent("""
+    import dataclasses, numpy as np, tensorflow as tf
+    from trainer import maml, models
+    rng = np.random.default_rng(0)
+    B, N = 3, 3
+
+    def batch(shape):
+      return {"support_x": tf.constant(rng.normal(size=(B, N) + shape), tf.float32),
+              "support_y": tf.constant(np.tile(np.arange(N), (B, 1)), tf.int32),
+              "query_x": tf.constant(rng.normal(size=(B, 2 * N) + shape), tf.float32),
+              "query_y": tf.constant(np.tile(np.arange(N), (B, 2)), tf.int32)}
+
+    conv = lambda **kw: models.ModelConfig("conv4", (8, 8, 1), N, num_filters=4, **kw)
+    cases = {
+        "maml": (conv(), maml.MetaConfig(3, 0.4)),
+        "mamlpp": (conv(param_slots=4, stat_slots=4),
+                   maml.MetaConfig(3, 0.1, per_step_inner_lr=True, msl_iterations=10,
+                                   inner_adapt="no_norm")),
+        "anil": (conv(), maml.MetaConfig(2, 0.4, inner_adapt="head")),
+        "meta_sgd": (models.ModelConfig("mlp", (4,), N, hidden_sizes=(8,)),
+                     maml.MetaConfig(2, 0.1, learn_inner_lr=True)),
+        "first_order": (conv(), maml.MetaConfig(2, 0.4, first_order=True)),
+    }
+    for name, (cfg, meta) in cases.items():
+      b = batch(cfg.input_shape)
+      params = {k: tf.constant(v) for k, v in models.init_params(cfg, 0).items()}
+      shapes = maml.learned_rate_shapes(meta, params)
+      lrs = {k: tf.constant(0.1 + 0.01 * rng.random(s), tf.float32)
+             for k, s in shapes.items()} or None
+      got = {}
+      for remat in (False, True):
+        m = dataclasses.replace(meta, remat=remat)
+        grads, sums = tf.function(lambda: maml.meta_gradients(
+            cfg, m, params, lrs, b, B, iteration=tf.constant(3, tf.int64)))()
+        got[remat] = {**grads, **sums}
+      assert all(np.abs(v.numpy()).max() > 0 for k, v in got[False].items()
+                 if not k.startswith(("support", "query"))), name
+      for k, ref in got[False].items():
+        ref = ref.numpy()
+        scale = np.abs(ref).max() + 1e-12
+        np.testing.assert_allclose(got[True][k].numpy() / scale, ref / scale, atol=1e-5,
+                                   err_msg=f"{name}: {k}")
+    print("OK")
+""")
+
+
+def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
+  """Recomputing each inner step in the backward pass (second order through the recomputed
+  inner gradient) changes nothing: weights, per-step norm parameters, learned rates, MSL."""
+  result = run_script(REMAT_CASES)
+  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]

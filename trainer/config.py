@@ -113,6 +113,9 @@ flags.DEFINE_integer("task_chunk", 0, "Memory: compute each replica's meta-gradi
                      "tasks at a time (summed: the same meta-gradient), so only one chunk's "
                      "activations are alive at once; must divide the tasks per replica. "
                      "0: all at once (fastest).", lower_bound=0)
+flags.DEFINE_boolean("remat", _META.remat, "Memory: keep only each inner step's inputs for the "
+                     "backward pass and recompute its activations there (the same "
+                     "meta-gradient; one more forward and inner gradient per step).")
 flags.DEFINE_float("clip_value", _ADAM.clip_value, "Clip each meta-gradient entry to [-c, c] (paper: 10 on "
                    "MiniImagenet); 0 disables.", lower_bound=0.0)
 
@@ -236,7 +239,7 @@ def meta_config(values: dict) -> maml.MetaConfig:
       loss_reduction=values["loss_reduction"], inner_adapt=values["inner_adapt"],
       msl_iterations=values["msl_iterations"],
       first_order_iterations=values["first_order_iterations"],
-      compute_dtype=values["compute_dtype"])
+      compute_dtype=values["compute_dtype"], remat=values["remat"])
 
 
 def adam_config(values: dict) -> optim.AdamConfig:

@@ -72,7 +72,7 @@ _SUPERVISED = frozenset({
     "head_init", "per_step_bn_params", "bn_running_stats", "eval_norm_stats", "learn_inner_lr",
     "per_step_inner_lr", "loss_reduction", "inner_adapt", "msl_iterations",
     "first_order_iterations", "meta_lr_schedule", "min_meta_lr", "clip_value", "jit_compile",
-    "task_chunk", "compute_dtype"})
+    "task_chunk", "compute_dtype", "remat"})
 _IMAGES = _SUPERVISED | {"data_dir", "n_way", "num_filters", "downsample", "features",
                          "verify_records"}
 _RL = frozenset({"env", "env_kwargs", "rollouts_per_task", "horizon", "gamma", "gae_lambda",

@@ -55,6 +55,9 @@ class MetaConfig:
   # Mixed precision: the meta-step's forward and backward passes in this dtype; the
   # meta-parameters, the losses and the meta-gradient stay float32.
   compute_dtype: str = "float32"
+  # Memory: keep only each inner step's inputs for the backward pass and recompute the step's
+  # activations (and its inner gradient) there, instead of keeping every step's alive.
+  remat: bool = False
 
   def __post_init__(self):
     if self.inner_adapt not in ADAPT:
@@ -187,6 +190,55 @@ def inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
   return new, losses, metric
 
 
+def rematerialized_inner_update(cfg, meta, fast: dict, rates: dict, x, y, *, first_order: bool,
+                                ctx: models.ForwardContext):
+  """:func:`inner_update` whose intermediates are recomputed in the backward pass.
+
+  The backward pass of the meta-gradient needs each inner step's activations and the
+  intermediates of its inner gradient. Kept, they grow with inner steps x tasks; here a custom
+  gradient keeps only the step's inputs (the fast weights, rates, support images) and, when the
+  meta-gradient reaches this step, runs the step again under a tape and differentiates that
+  (second order: the recomputed inner gradient is itself recorded). Exact: the same ops on the
+  same inputs. ``tf.recompute_grad`` cannot do this: it stops recording in its forward pass, so
+  the inner tape inside gets no gradient.
+  """
+  keys, rate_keys = sorted(fast), sorted(rates)
+  inputs = [fast[k] for k in keys] + [tf.convert_to_tensor(rates[k]) for k in rate_keys]
+  x_is_input = x.dtype.is_floating  # ANIL's body features: the meta-gradient goes through them
+  if x_is_input:
+    inputs.append(x)
+
+  def run(flat, context):
+    f = dict(zip(keys, flat[:len(keys)]))
+    r = dict(zip(rate_keys, flat[len(keys):len(keys) + len(rate_keys)]))
+    new, losses, metric = inner_update(cfg, meta, f, r, flat[-1] if x_is_input else x, y,
+                                       first_order=first_order, ctx=context)
+    return [new[k] for k in keys] + [losses, metric]
+
+  @tf.custom_gradient
+  def step(*flat):
+    outputs = run(list(flat), ctx)
+
+    def backward(*upstream):
+      upstream = [tf.zeros_like(o) if u is None else u for u, o in zip(upstream, outputs)]
+      # Inputs re-read only once the upstream gradient exists: otherwise the graph optimiser
+      # merges the recomputation with the forward pass (same ops, same inputs), and the
+      # forward's activations stay alive until here after all.
+      with tf.control_dependencies(upstream):
+        again_in = [tf.identity(t) for t in flat]
+      with tf.GradientTape() as tape:
+        tape.watch(again_in)
+        again = run(again_in, models.ForwardContext(step=ctx.step, stats=ctx.stats))
+      return tape.gradient(again[:len(keys) + 1], again_in,
+                           output_gradients=upstream[:len(keys) + 1],
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return outputs, backward
+
+  outputs = step(*inputs)
+  return dict(zip(keys, outputs[:len(keys)])), outputs[-2], outputs[-1]
+
+
 def loss_scaling(meta: MetaConfig) -> float:
   return FLOAT16_LOSS_SCALE if meta.compute_dtype == "float16" else 1.0
 
@@ -234,9 +286,10 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   support_loss = support_metric = None
   for step in range(meta.inner_steps):
     ctx = models.ForwardContext(step=step, moments={} if moments is not None else None)
-    fast, losses, metric = inner_update(cfg, meta, fast, step_rates(meta, params, lrs, step),
-                                        batch["support_x"], batch["support_y"],
-                                        first_order=first_order, ctx=ctx)
+    update = rematerialized_inner_update if meta.remat else inner_update
+    fast, losses, metric = update(cfg, meta, fast, step_rates(meta, params, lrs, step),
+                                  batch["support_x"], batch["support_y"],
+                                  first_order=first_order, ctx=ctx)
     if moments is not None and step < cfg.stat_slots:
       moments[step] = ctx.moments
     if support_loss is None:

@@ -195,3 +195,34 @@ def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
   inner gradient) changes nothing: weights, per-step norm parameters, learned rates, MSL."""
   result = run_script(REMAT_CASES)
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_the_benchmark_reports_variants_and_the_plot_draws_them(tmp_path):
+  """bench_meta_step.py's lines name their variant and peak memory net of the baseline, and
+  plot_memory.py turns a sweep of them into a PNG (sinusoid: seconds, not minutes)."""
+  import json
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  lines = []
+  for spec in ("sinusoid_5shot,second,false,0,false,1", "sinusoid_5shot,second,false,0,true,2",
+               "sinusoid_5shot,second,false,5,true,1"):
+    result = subprocess.run([sys.executable, "bench/bench_meta_step.py", f"--single={spec}",
+                             "--steps=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  assert [r["variant"] for r in lines] == ["default", "remat", "task_chunk=5+remat"]
+  assert [r["inner_steps"] for r in lines] == [1, 2, 1]
+  assert all(0 <= r["net_peak_mb"] <= r["max_rss_mb"] for r in lines)
+  sweep = tmp_path / "sweep.jsonl"
+  sweep.write_text("".join(json.dumps(r) + "\n" for r in lines))
+  png = tmp_path / "memory.png"
+  plot = subprocess.run([sys.executable, "bench/plot_memory.py", str(sweep), f"--output={png}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert plot.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot.stderr
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("not json\n")
+  bad = subprocess.run([sys.executable, "bench/plot_memory.py", str(empty), f"--output={png}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "no bench_meta_step.py result lines" in bad.stderr

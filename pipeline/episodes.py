@@ -22,6 +22,7 @@ from pipeline import records, storage, streams
 from pipeline.errors import DataError
 
 DECODE_MODES = ("memory", "per_episode")
+RNG = streams.RNG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,17 +179,20 @@ def _check_labels(labels: np.ndarray, classes: list[dict], shards: list[dict],
 
 def _episode_fn(data: ClassIndexedImages, spec: EpisodeSpec):
   n, k, q = spec.n_way, spec.k_shot, spec.k_query
-  max_count = int(tf.reduce_max(data.counts))
+  max_count = int(np.max(data.counts.numpy()))  # static: also when traced on the device
   h, w, c = data.image_shape
 
   def episode(seed):
-    class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    # streams.RNG and streams.uniform: the same numbers under XLA (TPU, --sampler=device) as
+    # in the tf.data path.
+    class_seed, example_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2, alg=RNG))
     # The top-n of iid uniforms is a uniformly random n-subset in uniformly random order, so
     # label i goes to a random class: classes without replacement, labels permuted.
     classes = tf.math.top_k(
-        tf.random.stateless_uniform([data.num_classes], seed=class_seed), n).indices
+        streams.uniform([data.num_classes], class_seed), n).indices
     counts = tf.gather(data.counts, classes)
-    noise = tf.random.stateless_uniform([n, max_count], seed=example_seed)
+    noise = streams.uniform([n, max_count], example_seed)
     noise = tf.where(tf.range(max_count)[None, :] < counts[:, None], noise, -1.0)
     picks = tf.math.top_k(noise, k + q).indices  # distinct examples within each class
     index = tf.gather(data.offsets, classes)[:, None] + tf.cast(picks, tf.int64)
@@ -252,6 +256,35 @@ def meta_batches(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,
                                  meta_batch_size=spec.meta_batch_size, start_step=start_step,
                                  num_steps=num_steps, sharding=sharding, finalize=_to_float,
                                  stream=f"train:{data.split}")
+
+
+def replica_meta_batch(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,
+                       step: tf.Tensor, replica: tf.Tensor | int, replicas: int) -> dict:
+  """In graph code, the meta-batch :func:`meta_batches` yields to ``replica`` at ``step``.
+
+  The same episode ids (``step * B + replica * B/R ..``), seeds and episode function as the
+  tf.data path, so the same episodes bit for bit; meant to run inside the compiled training
+  step with ``data.images`` already on the device (``--sampler=device``), so that no input
+  crosses from the host per step.
+  """
+  if not data.decoded:
+    raise DataError("the on-device sampler needs decoded images (decode='memory')")
+  _validate(data, spec)
+  per_replica = streams.check_divisible(spec.meta_batch_size, replicas) // replicas
+  episode = _episode_fn(data, spec)
+  base = streams.stream_seed(seed, f"train:{data.split}")
+  first = (tf.cast(step, tf.int64) * spec.meta_batch_size
+           + tf.cast(replica, tf.int64) * per_replica)
+  ids = first + tf.range(per_replica, dtype=tf.int64)
+  h, w, c = data.image_shape
+  n, k, q = spec.n_way, spec.k_shot, spec.k_query
+  signature = {"support_images": tf.TensorSpec([n * k, h, w, c], tf.uint8),
+               "support_labels": tf.TensorSpec([n * k], tf.int32),
+               "query_images": tf.TensorSpec([n * q, h, w, c], tf.uint8),
+               "query_labels": tf.TensorSpec([n * q], tf.int32)}
+  batch = tf.map_fn(lambda i: episode(streams.episode_seed(base, i)), ids,
+                    fn_output_signature=signature)
+  return _to_float(dict(batch, episode_id=ids))
 
 
 def evaluation_batches(data: ClassIndexedImages, spec: EpisodeSpec, *, seed: int,

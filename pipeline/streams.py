@@ -23,6 +23,9 @@ import tensorflow as tf
 from pipeline.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The stateless RNG of every sampler, named so that XLA draws the same numbers as the CPU/GPU
+# kernels (its "auto_select" is ThreeFry, theirs Philox).
+RNG = "philox"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +66,18 @@ def stream_seed(seed: int, stream: str) -> tf.Tensor:
   return tf.constant([seed, zlib.crc32(stream.encode()) & 0x7FFFFFFF], tf.int64)
 
 
+def uniform(shape, seed: tf.Tensor) -> tf.Tensor:
+  """``tf.random.stateless_uniform(shape, seed, alg="philox")`` in [0, 1), bit for bit, also
+  under XLA: XLA draws the same Philox bits as the CPU/GPU kernels but turns them into floats
+  differently, so the kernel's conversion (23 random mantissa bits in [1, 2), minus 1) is
+  applied here to the bits."""
+  bits = tf.random.stateless_uniform(shape, seed=seed, alg=RNG, minval=None, maxval=None,
+                                     dtype=tf.uint32)
+  return tf.bitcast((bits & 0x7FFFFF) | 0x3F800000, tf.float32) - 1.0
+
+
 def episode_seed(base: tf.Tensor, episode_id: tf.Tensor) -> tf.Tensor:
-  return tf.random.experimental.stateless_fold_in(base, tf.cast(episode_id, tf.int64))
+  return tf.random.experimental.stateless_fold_in(base, tf.cast(episode_id, tf.int64), alg=RNG)
 
 
 def _batched(ids: tf.data.Dataset, episode_fn: Callable, base: tf.Tensor, per_replica: int,

@@ -113,6 +113,10 @@ flags.DEFINE_integer("task_chunk", 0, "Memory: compute each replica's meta-gradi
                      "tasks at a time (summed: the same meta-gradient), so only one chunk's "
                      "activations are alive at once; must divide the tasks per replica. "
                      "0: all at once (fastest).", lower_bound=0)
+flags.DEFINE_enum("sampler", "host", ["host", "device"], "Training episodes: host = the tf.data "
+                  "pipeline; device = the split's images placed on the accelerator once and "
+                  "each meta-batch drawn inside the compiled step (the same episodes; no input "
+                  "crosses from the host per step).")
 flags.DEFINE_boolean("remat", _META.remat, "Memory: keep only each inner step's inputs for the "
                      "backward pass and recompute its activations there (the same "
                      "meta-gradient; one more forward and inner gradient per step).")

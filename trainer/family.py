@@ -74,7 +74,7 @@ _SUPERVISED = frozenset({
     "first_order_iterations", "meta_lr_schedule", "min_meta_lr", "clip_value", "jit_compile",
     "task_chunk", "compute_dtype", "remat"})
 _IMAGES = _SUPERVISED | {"data_dir", "n_way", "num_filters", "downsample", "features",
-                         "verify_records"}
+                         "verify_records", "sampler"}
 _RL = frozenset({"env", "env_kwargs", "rollouts_per_task", "horizon", "gamma", "gae_lambda",
                  "outer_optimizer", "max_kl", "cg_iters", "cg_damping", "ls_max_steps",
                  "ls_backtrack_ratio", "num_workers"})

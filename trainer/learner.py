@@ -127,6 +127,11 @@ class MetaLearner:
     sums = {k: v / chunks if k.startswith("moments/") else v for k, v in sums.items()}
     return grads, sums
 
+  def _replica_device_step(self, episodes_on_device, phase):
+    """A training step whose meta-batch is drawn here, on the device, for this very step."""
+    return self._replica_train_step(episodes_on_device.replica_batch(tf.identity(self.step)),
+                                    phase)
+
   def _replica_train_step(self, batch, phase):
     params, lrs = self._values()
     inputs = self._inputs(batch, self._train_per_replica)
@@ -161,9 +166,14 @@ class MetaLearner:
   @tf.function
   def _train_phase(self, iterator, num_steps: tf.Tensor, phase: tuple[bool, bool]) -> dict:
     totals = {k: tf.constant(0.0) for k in METRIC_KEYS}
+    on_device = hasattr(iterator, "replica_batch")  # tasks.DeviceEpisodes: no host input
     for _ in tf.range(num_steps):
-      sums = self.strategy.run(functools.partial(self._replica_train_step, phase=phase),
-                               (next(iterator),))
+      if on_device:
+        sums = self.strategy.run(functools.partial(self._replica_device_step, iterator,
+                                                   phase=phase))
+      else:
+        sums = self.strategy.run(functools.partial(self._replica_train_step, phase=phase),
+                                 (next(iterator),))
       sums = self.strategy.experimental_local_results(sums)[0]  # identical after all-reduce
       totals = {k: totals[k] + sums[k] for k in METRIC_KEYS}
     scale = 1.0 / (tf.cast(num_steps, tf.float32) * self.meta_batch_size)

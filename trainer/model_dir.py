@@ -29,7 +29,8 @@ MAY_CHANGE = frozenset({
     "mode", "model_dir", "data_dir", "num_iterations", "eval_every", "val_episodes",
     "eval_episodes", "eval_split", "eval_checkpoint", "eval_norm_stats", "eval_batch_size",
     "checkpoint_every", "log_every", "steps_per_loop", "jit_compile", "strategy", "tpu",
-    "deterministic", "num_workers", "debug", "verify_records", "task_chunk", "remat"})
+    "deterministic", "num_workers", "debug", "verify_records", "task_chunk", "remat",
+    "sampler"})
 
 
 class ModelDirError(DataError):

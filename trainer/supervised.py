@@ -19,7 +19,8 @@ def image_task(values: dict) -> tasks.FewShotClassification:
   task = tasks.FewShotClassification(
       data_dir, values["n_way"], values["k_shot"], values["k_query"],
       values["eval_k_query"] or values["k_query"], values["meta_batch_size"],
-      values["eval_batch_size"] or values["meta_batch_size"], values["seed"])
+      values["eval_batch_size"] or values["meta_batch_size"], values["seed"],
+      values["sampler"])
   if task.manifest["dataset"] != values["dataset"]:
     raise DataError(f"--data_dir={data_dir} holds {task.manifest['dataset']!r} records, "
                     f"not --dataset={values['dataset']}")

@@ -11,6 +11,7 @@ import dataclasses
 import tensorflow as tf
 
 from pipeline import episodes, sinusoid, streams
+from pipeline.errors import DataError
 
 
 def distributed(strategy: tf.distribute.Strategy, make) -> tf.distribute.DistributedDataset:
@@ -30,6 +31,43 @@ def _rename(batch: dict, kind: str) -> dict:
   return out
 
 
+class DeviceEpisodes:
+  """Training episodes drawn on the device (``--sampler=device``).
+
+  The split's uint8 images are placed on every replica's device once (a variable created under
+  the strategy's scope: mirrored per GPU, replicated per TPU core); each replica then draws its
+  share of a meta-batch inside the compiled step with the tf.data sampler's own stateless
+  functions (:func:`pipeline.episodes.replica_meta_batch`), from the step counter alone: the
+  same episodes as the host path, and exact resumption. The learner recognises it in place of
+  an iterator.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, data: episodes.ClassIndexedImages,
+               spec: episodes.EpisodeSpec, seed: int):
+    if not data.decoded:
+      raise DataError("--sampler=device needs the split's images decoded in memory")
+    self.spec, self.seed, self.replicas = spec, seed, strategy.num_replicas_in_sync
+    self._data = data
+    with strategy.scope():
+      self.images = tf.Variable(data.images, trainable=False, name="episode_images",
+                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    raise TypeError("device episodes are drawn inside the training step (replica_batch), not "
+                    "fetched from the host")
+
+  def replica_batch(self, step: tf.Tensor) -> dict:
+    """This replica's meta-batch of ``step`` (call inside ``strategy.run``)."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    data = dataclasses.replace(self._data, images=tf.identity(self.images))
+    return _rename(episodes.replica_meta_batch(data, self.spec, seed=self.seed, step=step,
+                                               replica=replica, replicas=self.replicas),
+                   "images")
+
+
 @dataclasses.dataclass
 class FewShotClassification:
   """N-way K-shot classification on a records folder built by tools/build_tfrecords.py."""
@@ -41,6 +79,7 @@ class FewShotClassification:
   meta_batch_size: int
   eval_batch_size: int
   seed: int
+  sampler: str = "host"  # "host": tf.data; "device": drawn inside the compiled step
   metric = "accuracy"
   higher_is_better = True
 
@@ -64,6 +103,10 @@ class FewShotClassification:
       episodes.verify_split(self.data_dir, split, sha256=sha256)
 
   def train_data(self, strategy, start_step: int):
+    if self.sampler == "device":
+      return DeviceEpisodes(strategy, episodes.load_split(self.data_dir, "train"),
+                            episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query,
+                                                 self.meta_batch_size), self.seed)
     return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
 
   def eval_data(self, strategy, split: str, episodes_: int):
@@ -97,6 +140,10 @@ class SinusoidRegression:
   splits = ("val", "test")  # two fixed task streams; training draws fresh tasks
 
   def train_data(self, strategy, start_step: int):
+    if self.sampler == "device":
+      return DeviceEpisodes(strategy, episodes.load_split(self.data_dir, "train"),
+                            episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query,
+                                                 self.meta_batch_size), self.seed)
     return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
 
   def eval_data(self, strategy, split: str, episodes_: int):

@@ -1,0 +1,105 @@
+"""--sampler=device: episodes drawn inside the compiled step are the tf.data sampler's, bit for
+bit, under one device and two replicas; training and resumption follow them exactly."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import FAST_BEAM, SINUSOID, error_line, make_tiny_omniglot, run_script, trainer
+from pipeline import datasets
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+  root = tmp_path_factory.mktemp("device")
+  src = make_tiny_omniglot(root / "src", layout="folder")
+  out = root / "records"
+  datasets.build_dataset("omniglot", source=src, output=out, split_scheme="lake",
+                         image_size=12, beam_args=FAST_BEAM)
+  return out
+
+
+def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically(tiny_records,
+                                                                                  tmp_path):
+  script = textwrap.dedent(f"""
+      import numpy as np, tensorflow as tf
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+      from trainer import learner, maml, models, optim, tasks
+      make_task = lambda sampler: tasks.FewShotClassification(
+          {str(tiny_records)!r}, n_way=3, k_shot=1, k_query=2, eval_k_query=2,
+          meta_batch_size=4, eval_batch_size=4, seed=7, sampler=sampler)
+      host_task, device_task = make_task("host"), make_task("device")
+      cfg = models.ModelConfig("conv4", host_task.image_shape, 3, num_filters=4)
+      meta = maml.MetaConfig(1, 0.4)
+
+      def make_learner(strategy):
+        return learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
+                                   meta_batch_size=4, eval_inner_steps=1, jit_compile=False)
+
+      for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"),
+                       tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
+        replicas = strategy.num_replicas_in_sync
+        # 1. The episodes, per replica, for steps 0..3 and again from step 2 (a resume).
+        on_device = device_task.train_data(strategy, 0)
+        draw = tf.function(lambda s: strategy.run(lambda: on_device.replica_batch(s)))
+        for start in (0, 2):
+          host = iter(host_task.train_data(strategy, start))
+          for step in range(start, 4):
+            expected = strategy.experimental_local_results(next(host))
+            got = strategy.experimental_local_results(draw(tf.constant(step, tf.int64)))
+            assert len(got) == replicas
+            for e, g in zip(expected, got):
+              for k in e:
+                np.testing.assert_array_equal(g[k].numpy(), e[k].numpy(), err_msg=f"{{k}} {{step}}")
+        if replicas == 1:  # TPUs compile the whole step: the sampler must compile under XLA
+          from pipeline import episodes
+          data = episodes.load_split({str(tiny_records)!r}, "train")
+          spec = episodes.EpisodeSpec(3, 1, 2, 4)
+          xla = tf.function(lambda s: episodes.replica_meta_batch(
+              data, spec, seed=7, step=s, replica=0, replicas=1), jit_compile=True)
+          expected = next(iter(host_task.train_data(strategy, 3)))
+          got = xla(tf.constant(3, tf.int64))
+          for k in ("support_images", "query_images", "support_labels", "episode_id"):
+            np.testing.assert_array_equal(got[k].numpy(),
+                                          expected[k.replace("images", "x").replace(
+                                              "labels", "y")].numpy(), err_msg=f"xla {{k}}")
+        # 2. Three training steps fed either way: the same weights.
+        results = []
+        for task in (host_task, device_task):
+          l = make_learner(strategy)
+          l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+          results.append({{k: v.numpy() for k, v in l.params.items()}})
+        for k in results[0]:
+          np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-6, atol=1e-7,
+                                     err_msg=k)
+        # 3. Two steps, a checkpoint, a new learner restoring it and one more step: the same as
+        # three steps straight (the step counter alone chooses the episodes).
+        first = make_learner(strategy)
+        first.train_loop(iter(device_task.train_data(strategy, 0)), tf.constant(2))
+        path = tf.train.Checkpoint(**first.checkpoint_items()).save({str(tmp_path / "ckpt")!r}
+                                                                     + str(replicas))
+        resumed = make_learner(strategy)
+        tf.train.Checkpoint(**resumed.checkpoint_items()).restore(path)
+        resumed.train_loop(iter(device_task.train_data(strategy, 2)), tf.constant(1))
+        for k in results[1]:
+          np.testing.assert_allclose(resumed.params[k].numpy(), results[1][k], rtol=1e-6,
+                                     atol=1e-7, err_msg=f"resumed {{k}}")
+      print("OK")
+  """)
+  result = run_script(script)
+  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_the_trainer_runs_with_device_episodes_and_refuses_them_for_sinusoid(tiny_records,
+                                                                              tmp_path):
+  result = trainer("--dataset=omniglot", f"--data_dir={tiny_records}", "--sampler=device",
+                   "--n_way=3", "--k_shot=1", "--k_query=2", "--eval_k_query=2",
+                   "--meta_batch_size=2", "--num_filters=4", "--num_iterations=3",
+                   "--eval_every=0", "--eval_episodes=4", f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "run" / "eval_test.json").exists()
+  refused = trainer(*SINUSOID, "--sampler=device", f"--model_dir={tmp_path / 'sine'}")
+  assert "--sampler do(es) not apply to --dataset=sinusoid" in error_line(refused.stderr)

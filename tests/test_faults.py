@@ -89,6 +89,22 @@ def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
                                               "num_iterations": 3000}})
 
 
+def test_eval_of_a_step_number_uses_that_checkpoint_or_lists_the_kept_ones(tmp_path):
+  run = tmp_path / "run"
+  result = trainer(*SINUSOID, "--num_iterations=20", "--checkpoint_every=10", "--mode=train",
+                   f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  at_10 = trainer(*SINUSOID, "--num_iterations=20", "--mode=eval", "--eval_checkpoint=10",
+                  f"--model_dir={run}")
+  assert at_10.returncode == 0, at_10.stderr[-2000:]
+  report = json.loads((run / "eval_test_step10.json").read_text())
+  assert report["checkpoint"].endswith("ckpt/ckpt-10") and report["step"] == 10
+  missing = trainer(*SINUSOID, "--num_iterations=20", "--mode=eval", "--eval_checkpoint=5",
+                    f"--model_dir={run}")
+  assert "--eval_checkpoint=5: no checkpoint of that step" in error_line(missing.stderr)
+  assert "(kept: 10, 20)" in error_line(missing.stderr)
+
+
 def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, sinusoid_run):
   """Without config.json (a run older than it), the strict restore still refuses."""
   run = tmp_path / "copy"

@@ -158,9 +158,12 @@ flags.DEFINE_integer("eval_every", 1000, "Validate every this many steps (0: onl
 flags.DEFINE_integer("val_episodes", 300, "Validation episodes each time.", lower_bound=1)
 flags.DEFINE_integer("eval_episodes", 600, "Meta-test episodes.", lower_bound=1)
 flags.DEFINE_string("eval_split", "test", "Split to meta-test on.")
-flags.DEFINE_enum("eval_checkpoint", "best", ["best", "latest"], "Checkpoint to meta-test: "
-                  "best by validation, or the latest (the original code's choice; writes "
-                  "eval_<split>_latest.json).")
+flags.DEFINE_string("eval_checkpoint", "best", "Checkpoint to meta-test: best by validation, "
+                    "the latest (the original code's choice; writes eval_<split>_latest.json), "
+                    "or a step number whose checkpoint is kept (equal-step comparisons; writes "
+                    "eval_<split>_step<N>.json).")
+flags.register_validator("eval_checkpoint", lambda v: v in ("best", "latest") or v.isdigit(),
+                         "must be best, latest or a step number")
 flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every this many steps.", lower_bound=1)
 flags.DEFINE_integer("log_every", 100, "Write training metrics every this many steps.",
                      lower_bound=1)

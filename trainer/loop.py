@@ -269,6 +269,13 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   latest = tf.train.latest_checkpoint(str(cfg.model_dir / "ckpt"))
   chosen = latest if cfg.eval_checkpoint == "latest" else (
       tf.train.latest_checkpoint(str(cfg.model_dir / "best")) or latest)
+  if cfg.eval_checkpoint.isdigit():
+    chosen = str(cfg.model_dir / "ckpt" / f"ckpt-{int(cfg.eval_checkpoint)}")
+    if not tf.io.gfile.exists(chosen + ".index"):
+      kept = sorted(int(p.name[5:-6]) for p in (cfg.model_dir / "ckpt").glob("ckpt-*.index"))
+      raise guard.ModelDirError(f"--eval_checkpoint={cfg.eval_checkpoint}: no checkpoint of "
+                                f"that step in {cfg.model_dir / 'ckpt'} (kept: "
+                                f"{', '.join(map(str, kept)) or 'none'})")
   if chosen is None:
     raise guard.ModelDirError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
                             f"first (--mode=train or train_eval)")
@@ -284,7 +291,9 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
     running = getattr(learner, "eval_running_stats", False)
     summary["norm_stats"] = "running" if running else "batch"
     summary["checkpoint_choice"] = cfg.eval_checkpoint
-    suffix = ("_latest" if cfg.eval_checkpoint == "latest" else "") + ("_running" if running else "")
+    choice = {"best": "", "latest": "_latest"}.get(cfg.eval_checkpoint,
+                                                   f"_step{cfg.eval_checkpoint}")
+    suffix = choice + ("_running" if running else "")
     evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{suffix}.json", summary)
   return summary
 

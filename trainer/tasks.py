@@ -140,10 +140,6 @@ class SinusoidRegression:
   splits = ("val", "test")  # two fixed task streams; training draws fresh tasks
 
   def train_data(self, strategy, start_step: int):
-    if self.sampler == "device":
-      return DeviceEpisodes(strategy, episodes.load_split(self.data_dir, "train"),
-                            episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query,
-                                                 self.meta_batch_size), self.seed)
     return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
 
   def eval_data(self, strategy, split: str, episodes_: int):

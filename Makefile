@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/python -m trainer.main --flagfile=configs/demo.cfg
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_pipeline.py

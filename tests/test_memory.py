@@ -226,3 +226,18 @@ def test_the_benchmark_reports_variants_and_the_plot_draws_them(tmp_path):
   bad = subprocess.run([sys.executable, "bench/plot_memory.py", str(empty), f"--output={png}"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "no bench_meta_step.py result lines" in bad.stderr
+
+
+def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
+  import json
+
+  from conftest import SINUSOID, trainer
+  run = tmp_path / "run"
+  result = trainer(*SINUSOID, "--remat", "--task_chunk=5", "--inner_steps=2",
+                   "--num_iterations=20", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads((run / "config.json").read_text())
+  assert record["meta"]["remat"] is True and record["flags"]["task_chunk"] == 5
+  # Both may change when resuming: they do not change the meta-gradient.
+  again = trainer(*SINUSOID, "--inner_steps=2", "--num_iterations=30", f"--model_dir={run}")
+  assert again.returncode == 0, again.stderr[-2000:]

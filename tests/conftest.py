@@ -91,6 +91,17 @@ def omniglot_records(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_omniglot(tmp_path_factory) -> Path:
+  """Tiny Omniglot-like records at 12 px (16 train classes of 3 images): the smallest images a
+  conv4 takes, for tests that compile it (XLA) or run it under strategies."""
+  root = tmp_path_factory.mktemp("small_omniglot")
+  src = make_tiny_omniglot(root / "src", layout="folder")
+  datasets.build_dataset("omniglot", source=src, output=root / "records", split_scheme="lake",
+                         image_size=12, beam_args=FAST_BEAM)
+  return root / "records"
+
+
+@pytest.fixture(scope="session")
 def cifar_records(tmp_path_factory) -> dict[str, Path]:
   """CIFAR-FS and FC100 records from TFDS's mock CIFAR-100 (random pixels and labels, nothing
   downloaded): 3,000 examples per TFDS split, so every class has the 16 images a 5w1s

@@ -7,18 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import FAST_BEAM, SINUSOID, error_line, make_tiny_omniglot, run_script, trainer
-from pipeline import datasets
-
-
-@pytest.fixture(scope="module")
-def small_omniglot(tmp_path_factory):
-  root = tmp_path_factory.mktemp("accel")
-  src = make_tiny_omniglot(root / "src", layout="folder")
-  out = root / "records"
-  datasets.build_dataset("omniglot", source=src, output=out, split_scheme="lake",
-                         image_size=12, beam_args=FAST_BEAM)
-  return out
+from conftest import SINUSOID, error_line, run_script, trainer
 
 
 def test_xla_conv4_meta_step_mirrored_over_two_devices_equals_one_device(small_omniglot):

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
-
-from conftest import FAST_BEAM, SINUSOID, error_line, make_tiny_omniglot, run_script, trainer
-from pipeline import datasets
+from conftest import SINUSOID, error_line, run_script, trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_records(tmp_path_factory):
-  root = tmp_path_factory.mktemp("device")
-  src = make_tiny_omniglot(root / "src", layout="folder")
-  out = root / "records"
-  datasets.build_dataset("omniglot", source=src, output=out, split_scheme="lake",
-                         image_size=12, beam_args=FAST_BEAM)
-  return out
-
-
-def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically(tiny_records,
-                                                                                  tmp_path):
+def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically(
+    small_omniglot, tmp_path):
   script = textwrap.dedent(f"""
       import numpy as np, tensorflow as tf
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
       from trainer import learner, maml, models, optim, tasks
       make_task = lambda sampler: tasks.FewShotClassification(
-          {str(tiny_records)!r}, n_way=3, k_shot=1, k_query=2, eval_k_query=2,
+          {str(small_omniglot)!r}, n_way=3, k_shot=1, k_query=2, eval_k_query=2,
           meta_batch_size=4, eval_batch_size=4, seed=7, sampler=sampler)
       host_task, device_task = make_task("host"), make_task("device")
       cfg = models.ModelConfig("conv4", host_task.image_shape, 3, num_filters=4)
@@ -56,7 +43,7 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
                 np.testing.assert_array_equal(g[k].numpy(), e[k].numpy(), err_msg=f"{{k}} {{step}}")
         if replicas == 1:  # TPUs compile the whole step: the sampler must compile under XLA
           from pipeline import episodes
-          data = episodes.load_split({str(tiny_records)!r}, "train")
+          data = episodes.load_split({str(small_omniglot)!r}, "train")
           spec = episodes.EpisodeSpec(3, 1, 2, 4)
           xla = tf.function(lambda s: episodes.replica_meta_batch(
               data, spec, seed=7, step=s, replica=0, replicas=1), jit_compile=True)
@@ -93,9 +80,9 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
-def test_the_trainer_runs_with_device_episodes_and_refuses_them_for_sinusoid(tiny_records,
-                                                                              tmp_path):
-  result = trainer("--dataset=omniglot", f"--data_dir={tiny_records}", "--sampler=device",
+def test_the_trainer_runs_with_device_episodes_and_refuses_them_for_sinusoid(
+    small_omniglot, tmp_path):
+  result = trainer("--dataset=omniglot", f"--data_dir={small_omniglot}", "--sampler=device",
                    "--n_way=3", "--k_shot=1", "--k_query=2", "--eval_k_query=2",
                    "--meta_batch_size=2", "--num_filters=4", "--num_iterations=3",
                    "--eval_every=0", "--eval_episodes=4", f"--model_dir={tmp_path / 'run'}")

@@ -25,13 +25,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
   return os.path.join(str(base), *parts)
 
 
-def parent_and_name(path: str) -> tuple[str, str]:
-  path = path.rstrip("/")
-  if is_remote(path):
-    return posixpath.dirname(path), posixpath.basename(path)
-  return os.path.dirname(path), os.path.basename(path)
-
-
 def canonical(path: str | os.PathLike) -> str:
   """Local paths absolute (``~`` expanded, links resolved); URLs unchanged but for a final /."""
   if is_remote(path):

@@ -87,7 +87,6 @@ PRESETS = {
     "cifarfs": Preset("cifar100", _cifarfs(), "CIFAR-FS, Bertinetto et al., ICLR 2019"),
     "fc100": Preset("cifar100", _fc100(), "FC100, Oreshkin et al., NeurIPS 2018"),
 }
-DEFAULT_IMAGE_SIZE = {"cifarfs": 32, "fc100": 32}
 
 
 def parse_name(dataset: str) -> tuple[str, str | None]:

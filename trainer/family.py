@@ -122,7 +122,3 @@ def refuse_inapplicable(family: Family, given: set[str]) -> None:
     raise DataError(f"{', '.join('--' + f for f in extra)} do(es) not apply to "
                     f"--dataset={'/'.join(family.datasets)} and would be ignored; remove "
                     f"{'it' if len(extra) == 1 else 'them'}")
-
-
-def known_datasets() -> list[str]:
-  return [d for family in FAMILIES for d in family.datasets]

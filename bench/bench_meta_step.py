@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,11 +24,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+import process_memory  # noqa: E402  (beside this script)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "mini_5w5s",
                             "sinusoid_5shot", "peer_omniglot_5w1s_q15", "peer_mini_5w1s_q15"],
                   "Cases: any configs/<name>.cfg that is not RL (its own shapes, model and "
-                  "meta-learning settings), or a fixed peer-comparison shape (peer_*).")
+                  "meta-learning settings), or a fixed comparison shape (peer_*, target_*).")
 flags.DEFINE_list("orders", ["second", "first"], "MAML orders to run.")
 flags.DEFINE_list("jit", ["false"], "XLA settings to run (false,true). XLA on a CPU "
                   "takes minutes per conv case.")
@@ -54,6 +55,9 @@ PEERS = {
                                                  "inner_steps": 1}),
     "peer_mini_5w1s_q15": ("mini_5w1s", {"k_query": 15, "meta_batch_size": 4,
                                          "inner_steps": 5}),
+    # Issue 11's accelerator target (fit in 16 GB); on a CPU its net peak stands in for it.
+    "target_mini_5w1s_10steps_mb32": ("mini_5w1s", {"k_query": 15, "meta_batch_size": 32,
+                                                     "inner_steps": 10}),
 }
 
 
@@ -92,7 +96,7 @@ def case_values(case: str) -> dict:
 def peak_memory_mb(tf) -> tuple[float, str]:
   if tf.config.list_logical_devices("GPU"):
     return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, "gpu_peak"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "max_rss"
+  return process_memory.max_rss_mb(), "max_rss"
 
 
 def run_single(spec: str) -> dict:
@@ -119,14 +123,16 @@ def run_single(spec: str) -> dict:
          for key, s in maml.learned_rate_shapes(meta, params).items()} or None
   rng = np.random.default_rng(0)
   if is_regression:
-    x = lambda m: tf.constant(rng.uniform(-5, 5, (batch, m, 1)), tf.float32)
+    x = lambda m: tf.constant(10 * rng.random((batch, m, 1), np.float32) - 5)
     inputs = {"support_x": x(k), "support_y": x(k), "query_x": x(q), "query_y": x(q)}
   else:
     shape = cfg.input_shape
     labels = lambda m: tf.constant(np.tile(np.repeat(np.arange(n), m), (batch, 1)), tf.int32)
-    inputs = {"support_x": tf.constant(rng.uniform(0, 1, (batch, n * k) + shape), tf.float32),
+    # float32 draws: float64 ones would be a transient as large as the step (0.6 GB at
+    # MiniImagenet meta-batch 32).
+    inputs = {"support_x": tf.constant(rng.random((batch, n * k) + shape, np.float32)),
               "support_y": labels(k),
-              "query_x": tf.constant(rng.uniform(0, 1, (batch, n * q) + shape), tf.float32),
+              "query_x": tf.constant(rng.random((batch, n * q) + shape, np.float32)),
               "query_y": labels(q)}
   step = tf.function(functools.partial(maml.meta_gradients, cfg, meta, global_batch=batch),
                      jit_compile=jit == "true")
@@ -139,7 +145,7 @@ def run_single(spec: str) -> dict:
     phase = meta_learner._phase(0)  # pylint: disable=protected-access
     step = tf.function(lambda p, r, b: meta_learner._meta_gradients(  # pylint: disable=protected-access
         phase, p, r, b, tf.constant(0, tf.int64)))
-  baseline, _ = peak_memory_mb(tf)  # the process with TF, the model and the inputs
+  baseline = process_memory.start_peak_window()  # the process with TF, model and inputs
   start = time.perf_counter()
   tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
   compile_s = time.perf_counter() - start

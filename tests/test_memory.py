@@ -228,6 +228,30 @@ def test_the_benchmark_reports_variants_and_the_plot_draws_them(tmp_path):
   assert bad.returncode == 1 and "no bench_meta_step.py result lines" in bad.stderr
 
 
+def test_the_peak_window_forgets_earlier_transients_and_sees_the_steps_own_peak():
+  """A transient before the window (the benchmark's input generation) must not hide the peak
+  inside it: the window restarts the high-water mark from the current resident memory."""
+  import importlib.util
+  import os
+
+  import numpy as np
+
+  from conftest import REPO
+  if not os.access("/proc/self/clear_refs", os.W_OK):
+    pytest.skip("no /proc/self/clear_refs: the high-water mark cannot be restarted here")
+  spec = importlib.util.spec_from_file_location(
+      "process_memory", os.path.join(REPO, "bench", "process_memory.py"))
+  process_memory = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(process_memory)
+  transient = np.ones(96 * 2**20, np.float32)  # 384 MB, touched, then returned to the OS
+  del transient
+  baseline = process_memory.start_peak_window()
+  assert process_memory.max_rss_mb() < baseline + 100
+  inside = np.ones(48 * 2**20, np.float32)  # 192 MB
+  assert process_memory.max_rss_mb() - baseline >= 180
+  del inside
+
+
 def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
   import json
 

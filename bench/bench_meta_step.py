@@ -24,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-import process_memory  # noqa: E402  (beside this script)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import process_memory  # noqa: E402  (beside this script, also when imported as bench.*)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "mini_5w5s",

@@ -22,6 +22,7 @@ Prints one JSON line per case, in the fields of bench_meta_step.py's (``variant`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -135,6 +136,9 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--single", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if importlib.util.find_spec("torch") is None:
+    sys.exit(f"{sys.executable} has no torch: run this script from a venv with torch installed "
+             "(see this file's docstring); it is not a dependency of the toolkit")
   if args.single:
     print(json.dumps(run_single(args.single, args.steps, args.threads)), flush=True)
     return

@@ -252,6 +252,23 @@ def test_the_peak_window_forgets_earlier_transients_and_sees_the_steps_own_peak(
   del inside
 
 
+def test_the_pytorch_yardstick_names_the_interpreter_without_torch():
+  """bench/peer_torch_func.py runs from a venv of its own; from ours it says so in one line."""
+  import importlib.util
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  if importlib.util.find_spec("torch") is not None:
+    pytest.skip("torch is installed in this interpreter")
+  result = subprocess.run([sys.executable, "bench/peer_torch_func.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f"{sys.executable} has no torch: run this script from a venv "
+                                   "with torch installed (see this file's docstring); it is not "
+                                   "a dependency of the toolkit")
+
+
 def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
   import json
 

@@ -46,7 +46,7 @@ def run_single(case: str, steps: int, threads: int) -> dict:
   import numpy as np
   import torch
   import torch.nn.functional as F
-  from torch.func import functional_call, grad  # noqa: F401  (functional_call: API check)
+  from torch.func import grad
 
   torch.set_num_threads(threads)
   c = CASES[case]

@@ -19,7 +19,11 @@ def rl_config(values: dict, horizon: int) -> learner.RLConfig:
   return learner.RLConfig(
       meta_batch_size=values["meta_batch_size"], rollouts_per_task=values["rollouts_per_task"],
       horizon=horizon, inner_lr=values["inner_lr"], inner_steps=values["inner_steps"],
-      eval_inner_steps=config.eval_inner_steps(values), first_order=values["first_order"],
+      eval_inner_steps=config.eval_inner_steps(values),
+      eval_rollouts_per_task=values["eval_rollouts_per_task"] or values["rollouts_per_task"],
+      eval_later_lr_scale=(1.0 if values["eval_later_lr_scale"] is None
+                           else values["eval_later_lr_scale"]),
+      first_order=values["first_order"],
       gamma=values["gamma"], gae_lambda=values["gae_lambda"],
       outer_optimizer=values["outer_optimizer"], meta_lr=values["meta_lr"],
       trpo=maml_rl.TRPOConfig(values["max_kl"], values["cg_iters"], values["cg_damping"],
@@ -35,8 +39,13 @@ def build(values: dict, strategy: tf.distribute.Strategy) -> family.Built:
     raise DataError(f"--env_kwargs={values['env_kwargs']}: not JSON ({e})") from None
   if not isinstance(env_kwargs, dict):
     raise DataError(f"--env_kwargs={values['env_kwargs']}: must be a JSON object")
+  envs_in_sampler = values["meta_batch_size"] * values["rollouts_per_task"]
+  if envs_in_sampler % (values["eval_rollouts_per_task"] or 1):
+    raise DataError(f"--eval_rollouts_per_task={values['eval_rollouts_per_task']} must divide "
+                    f"--meta_batch_size * --rollouts_per_task = {envs_in_sampler} (evaluation "
+                    f"samples in passes over the sampler's environments)")
   vector = sampler.VectorSampler(values["env"],
-                                 values["meta_batch_size"] * values["rollouts_per_task"],
+                                 envs_in_sampler,
                                  values["num_workers"], env_kwargs)
   policy = policies.PolicyConfig("categorical" if vector.discrete else "gaussian",
                                  vector.obs_dim, vector.action_dim,

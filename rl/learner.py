@@ -27,6 +27,8 @@ class RLConfig:
   inner_lr: float
   inner_steps: int
   eval_inner_steps: int
+  eval_rollouts_per_task: int  # validation and meta-test
+  eval_later_lr_scale: float  # validation and meta-test: steps after the first at inner_lr * this
   first_order: bool
   gamma: float
   gae_lambda: float
@@ -51,12 +53,30 @@ class RLMetaLearner:
                           tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations"))
     self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order)
     self._adapt = tf.function(lambda p, pre: maml_rl.adapt(policy, p, pre, cfg.inner_lr, True))
+    self._eval_adapt = tf.function(lambda p, pre: maml_rl.adapt(
+        policy, p, pre, cfg.inner_lr, True, later_lr_scale=cfg.eval_later_lr_scale))
     self._inner_losses = tf.function(
         lambda p, pre: maml_rl.inner_losses(policy, maml.tile(p, cfg.meta_batch_size), pre))
 
   @property
   def step(self) -> tf.Variable:
     return self._iterations
+
+  @property
+  def eval_protocol(self) -> dict:
+    """What evaluation reports record beside their numbers (and name their file after, when
+    it is not the training protocol)."""
+    return {"rollouts_per_task": self.cfg.eval_rollouts_per_task,
+            "later_lr_scale": self.cfg.eval_later_lr_scale}
+
+  @property
+  def eval_suffix(self) -> str:
+    suffix = ""
+    if self.cfg.eval_rollouts_per_task != self.cfg.rollouts_per_task:
+      suffix += f"_rollouts{self.cfg.eval_rollouts_per_task}"
+    if self.cfg.eval_later_lr_scale != 1.0:
+      suffix += f"_laterlr{self.cfg.eval_later_lr_scale:g}"
+    return suffix
 
   def checkpoint_items(self) -> dict:
     # Under "optimizer/iterations" for TRPO too, where checkpoints have always kept the count.
@@ -65,8 +85,24 @@ class RLMetaLearner:
 
   # --- rollouts ---------------------------------------------------------------------------------
 
-  def _rollouts(self, tasks: list[dict], fast: dict[str, np.ndarray], seed: int) -> Rollouts:
-    M, R = len(tasks), self.cfg.rollouts_per_task
+  def _rollouts(self, tasks: list[dict], fast: dict[str, np.ndarray], seed: int,
+                R: int) -> Rollouts:
+    """``R`` episodes of each task; in passes of as many tasks as the sampler has room for
+    when ``len(tasks) * R`` is not its number of environments (evaluation's own ``R``)."""
+    M, E = len(tasks), self.sampler.num_envs
+    if M * R == E:
+      return self._one_pass(tasks, fast, seed, R)
+    per_pass, parts = E // R, []
+    for pass_, start in enumerate(range(0, M, per_pass)):
+      rows = list(range(start, min(start + per_pass, M)))
+      padded = rows + [rows[-1]] * (per_pass - len(rows))  # the sampler runs all its envs
+      part = self._one_pass([tasks[i] for i in padded], {k: v[padded] for k, v in fast.items()},
+                            seed * 100 + pass_, R)
+      parts.append([x[:len(rows) * R] for x in dataclasses.astuple(part)])
+    return Rollouts(*(np.concatenate(xs) for xs in zip(*parts)))
+
+  def _one_pass(self, tasks, fast, seed, R) -> Rollouts:
+    M = len(tasks)
     env_tasks = [tasks[e // R] for e in range(M * R)]
 
     def act(obs, rng):
@@ -75,9 +111,9 @@ class RLMetaLearner:
 
     return self.sampler.rollouts(env_tasks, act, self.cfg.horizon, seed)
 
-  def _batch(self, tasks: list[dict], rollouts: Rollouts) -> dict:
+  def _batch(self, tasks: list[dict], rollouts: Rollouts, R: int) -> dict:
     """Per-task tensors with per-task baselines and normalized GAE advantages."""
-    M, R, T = len(tasks), self.cfg.rollouts_per_task, self.cfg.horizon
+    M, T = len(tasks), self.cfg.horizon
     adv = np.zeros_like(rollouts.rewards)
     for m in range(M):
       rows = slice(m * R, (m + 1) * R)
@@ -96,22 +132,23 @@ class RLMetaLearner:
   def _numpy_tiled(self, M: int) -> dict[str, np.ndarray]:
     return {k: np.broadcast_to(v.numpy()[None], (M,) + tuple(v.shape)) for k, v in self.params.items()}
 
-  def _adapt_and_roll(self, tasks, seed, steps, last_batch=True):
+  def _adapt_and_roll(self, tasks, seed, steps, evaluation=False):
     """Alternates sampling and inner steps; returns batches and mean return per round.
 
-    ``last_batch=False`` (evaluation) skips the baseline fit and tensors of the final round,
-    whose returns are all that is needed.
+    ``evaluation`` samples evaluation's number of episodes, steps at its rates, and skips the
+    baseline fit and tensors of the final round, whose returns are all that is needed.
     """
+    R = self.cfg.eval_rollouts_per_task if evaluation else self.cfg.rollouts_per_task
+    adapt = self._eval_adapt if evaluation else self._adapt
     fast = self._numpy_tiled(len(tasks))
     batches, per_task_returns = [], []
     for round_ in range(steps + 1):
-      rollouts = self._rollouts(tasks, fast, seed * 1000 + round_)
-      R = self.cfg.rollouts_per_task
+      rollouts = self._rollouts(tasks, fast, seed * 1000 + round_, R)
       per_task_returns.append(rollouts.returns.reshape(len(tasks), R).mean(axis=1))
-      if round_ < steps or last_batch:
-        batches.append(self._batch(tasks, rollouts))
+      if round_ < steps or not evaluation:
+        batches.append(self._batch(tasks, rollouts, R))
       if round_ < steps:
-        adapted = self._adapt({k: tf.identity(v) for k, v in self.params.items()}, batches)
+        adapted = adapt({k: tf.identity(v) for k, v in self.params.items()}, batches)
         fast = {k: v.numpy() for k, v in adapted.items()}
     return batches, per_task_returns
 
@@ -153,6 +190,6 @@ class RLMetaLearner:
     0..eval_inner_steps steps ``[steps+1, tasks]``)."""
     per_round = []
     for tasks, seed, keep in dataset:
-      _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps, last_batch=False)
+      _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps, evaluation=True)
       per_round.append(np.stack(rets)[:, :keep])
     return None, np.concatenate(per_round, axis=1)

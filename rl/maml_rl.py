@@ -37,13 +37,16 @@ def inner_losses(cfg: policies.PolicyConfig, fast: dict, batch: dict) -> tf.Tens
   return -_masked_mean(logp * batch["advantages"], batch["mask"])
 
 
-def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool):
-  """Per-task parameters after one inner step per batch in ``pre_batches``."""
+def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool,
+          later_lr_scale: float = 1.0):
+  """Per-task parameters after one inner step per batch in ``pre_batches``; steps after the
+  first at ``inner_lr * later_lr_scale`` (the original's RL test scripts halved them)."""
   fast = maml.tile(params, pre_batches[0]["obs"].shape[0])
-  rates = {k: inner_lr for k in fast}
-  for batch in pre_batches:
+  for i, batch in enumerate(pre_batches):
+    lr = inner_lr * (later_lr_scale if i else 1.0)
     fast, _ = maml.sgd_step(fast, lambda f, b=batch: (tf.reduce_sum(inner_losses(cfg, f, b)),
-                                                      None), rates, first_order=first_order)
+                                                      None), {k: lr for k in fast},
+                            first_order=first_order)
   return fast
 
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rl import envs, maml_rl, policies, returns
+from rl import envs, learner, maml_rl, policies, returns
+from rl import family as rl_family
+from trainer import config
 from rl.sampler import VectorSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,6 +288,62 @@ def test_meta_gradient_through_the_inner_step_matches_finite_differences():
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
+def test_evaluation_takes_steps_after_the_first_at_the_scaled_rate():
+  """The original's RL test protocol: the first step at the inner rate, later ones at half."""
+  cfg = policies.PolicyConfig("gaussian", 2, 2, (8,))
+  params = policies.init_params(cfg, 0)
+  tasks = envs.Navigation2D().sample_tasks(2, np.random.default_rng(0))
+  first, second = nav_batches(params, cfg, tasks, R=4, T=10)
+  tf_params = {k: tf.constant(v) for k, v in params.items()}
+  got = maml_rl.adapt(cfg, tf_params, [first, second], 0.3, True, later_lr_scale=0.5)
+  after_one = maml_rl.adapt(cfg, tf_params, [first], 0.3, True)
+  with tf.GradientTape() as tape:
+    tape.watch(list(after_one.values()))
+    loss = tf.reduce_sum(maml_rl.inner_losses(cfg, after_one, second))
+  grads = tape.gradient(loss, after_one)
+  for k in params:
+    np.testing.assert_allclose(got[k].numpy(), (after_one[k] - 0.15 * grads[k]).numpy(),
+                               rtol=1e-5, atol=1e-6, err_msg=k)
+  unscaled = maml_rl.adapt(cfg, tf_params, [first, second], 0.3, True)
+  assert not np.allclose(unscaled["out/kernel"].numpy(), got["out/kernel"].numpy())
+
+
+def test_evaluation_rollouts_beyond_the_sampler_run_in_passes_of_the_right_tasks():
+  """More episodes per task in evaluation than the sampler has room for: each episode still
+  runs its own task (the reward is minus the distance to that task's goal) and policy."""
+  values = dict(config.default_values(), env="2DNavigation-v0", meta_batch_size=4,
+                rollouts_per_task=2, eval_rollouts_per_task=4, eval_inner_steps=1)
+  sampler = VectorSampler("2DNavigation-v0", 8)
+  cfg = rl_family.rl_config(values, horizon=5)
+  policy = policies.PolicyConfig("gaussian", 2, 2, (8,))
+  meta = learner.RLMetaLearner(tf.distribute.get_strategy(), cfg, policy, sampler, seed=0)
+  tasks = envs.Navigation2D().sample_tasks(3, np.random.default_rng(1))  # 2 passes, 1 padded
+  fast = meta._numpy_tiled(3)
+  # Each task its own, noiseless policy; from the origin (zero hidden biases) its first
+  # action is its output bias, scaled to the 0.1 speed limit.
+  biases = np.array([[0.5, 0.0], [0.0, 0.5], [-0.5, 0.0]], np.float32)
+  fast = dict(fast, **{"out/bias": biases, "log_std": np.full((3, 2), -20.0, np.float32)})
+  out = meta._rollouts(tasks, fast, seed=3, R=4)
+  assert out.obs.shape == (12, 5, 2)
+  for e in range(12):
+    goal = np.asarray(tasks[e // 4]["goal"])
+    np.testing.assert_allclose(out.rewards[e, 0], -np.linalg.norm(out.obs[e, 1] - goal),
+                               rtol=1e-5)
+  np.testing.assert_allclose(out.obs[:, 1] - out.obs[:, 0], np.repeat(0.1 * biases, 4, axis=0),
+                             atol=1e-6)
+  _, rets = meta._adapt_and_roll(tasks, 3, 1, evaluation=True)
+  assert [r.shape for r in rets] == [(3,), (3,)]
+
+
+def test_evaluation_rollouts_that_do_not_divide_the_sampler_are_refused_by_name():
+  from pipeline.errors import DataError
+
+  values = dict(config.default_values(), dataset="rl", env="2DNavigation-v0", meta_batch_size=4,
+                rollouts_per_task=2, eval_rollouts_per_task=3)
+  with pytest.raises(DataError, match=r"--eval_rollouts_per_task=3 must divide .* = 8"):
+    rl_family.build(values, tf.distribute.get_strategy())
+
+
 def test_trpo_step_improves_the_surrogate_within_the_kl_bound():
   cfg = policies.PolicyConfig("gaussian", 2, 2, (16, 16))
   params = policies.init_params(cfg, 0)
@@ -357,6 +415,14 @@ def test_short_navigation_meta_training_makes_adaptation_pay(tmp_path):
   assert report["episodes"] == 25  # tasks; the last batch of 10 is cut to 5
   pre, post = report["by_inner_steps"]["0"], report["by_inner_steps"]["2"]
   assert post["mean"] - post["ci95"] > pre["mean"] + pre["ci95"], report
+  assert (report["rollouts_per_task"], report["later_lr_scale"]) == (10, 1.0)
+  # The original's test protocol on the same run: its own report, the protocol recorded in it.
+  again = trainer(*NAV, "--mode=eval", "--eval_rollouts_per_task=20", "--eval_later_lr_scale=0.5",
+                  f"--model_dir={tmp_path / 'run'}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  other = json.loads((tmp_path / "run" / "eval_test_rollouts20_laterlr0.5.json").read_text())
+  assert (other["rollouts_per_task"], other["later_lr_scale"]) == (20, 0.5)
+  assert other["by_inner_steps"]["0"]["mean"] != report["by_inner_steps"]["0"]["mean"]
 
 
 def test_rl_runs_resume_from_checkpoints_like_supervised_ones(tmp_path):

@@ -109,7 +109,7 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
         family.refuse_inapplicable(chosen, {n for n in names if FLAGS[n].present})
         values["data_dir"] = records.get(values["dataset"])
         if chosen.name == "rl":  # few environments: the factory, not the sampler, is tested
-          values.update(meta_batch_size=2, rollouts_per_task=1)
+          values.update(meta_batch_size=2, rollouts_per_task=1, eval_rollouts_per_task=None)
         built = chosen.build(values, tf.distribute.get_strategy())
         assert built.learner.step.numpy() == 0 and built.task.splits
         model, meta = built.record.get("model", {}), built.record.get("meta", {})

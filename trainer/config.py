@@ -132,6 +132,15 @@ flags.DEFINE_string("env_kwargs", "{}", "JSON object of options for the task fam
                     "(default: minus the distance, as the original code).")
 flags.DEFINE_integer("rollouts_per_task", 20, "Episodes per task and per adaptation round.",
                      lower_bound=1)
+flags.DEFINE_integer("eval_rollouts_per_task", None, "Episodes per task and per adaptation "
+                     "round in validation and meta-test (default: --rollouts_per_task). The "
+                     "original code's RL test scripts sampled 40 (twice its training's 20); "
+                     "must divide --meta_batch_size * --rollouts_per_task, the sampler's "
+                     "environments.", lower_bound=1)
+flags.DEFINE_float("eval_later_lr_scale", None, "Validation and meta-test take adaptation steps "
+                   "after the first at --inner_lr times this (default 1: every step at "
+                   "--inner_lr). The original code's RL test scripts used 0.5 (0.5, then 0.25).",
+                   lower_bound=0.0)
 flags.DEFINE_integer("horizon", 0, "Episode length (0: the task family's: 100 navigation, "
                      "200 locomotion, 10 bandits/MDPs).", lower_bound=0)
 flags.DEFINE_float("gamma", 0.99, "Discount.", lower_bound=0.0, upper_bound=1.0)

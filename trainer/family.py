@@ -77,7 +77,8 @@ _IMAGES = _SUPERVISED | {"data_dir", "n_way", "num_filters", "downsample", "feat
                          "verify_records", "sampler"}
 _RL = frozenset({"env", "env_kwargs", "rollouts_per_task", "horizon", "gamma", "gae_lambda",
                  "outer_optimizer", "max_kl", "cg_iters", "cg_damping", "ls_max_steps",
-                 "ls_backtrack_ratio", "num_workers"})
+                 "ls_backtrack_ratio", "num_workers", "eval_rollouts_per_task",
+                 "eval_later_lr_scale"})
 
 
 @dataclasses.dataclass(frozen=True)

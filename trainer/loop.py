@@ -293,7 +293,8 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
     summary["checkpoint_choice"] = cfg.eval_checkpoint
     choice = {"best": "", "latest": "_latest"}.get(cfg.eval_checkpoint,
                                                    f"_step{cfg.eval_checkpoint}")
-    suffix = choice + ("_running" if running else "")
+    suffix = choice + ("_running" if running else "") + getattr(learner, "eval_suffix", "")
+    summary.update(getattr(learner, "eval_protocol", {}))
     evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{suffix}.json", summary)
   return summary
 

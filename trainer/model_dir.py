@@ -30,7 +30,7 @@ MAY_CHANGE = frozenset({
     "eval_episodes", "eval_split", "eval_checkpoint", "eval_norm_stats", "eval_batch_size",
     "checkpoint_every", "log_every", "steps_per_loop", "jit_compile", "strategy", "tpu",
     "deterministic", "num_workers", "debug", "verify_records", "task_chunk", "remat",
-    "sampler"})
+    "sampler", "eval_rollouts_per_task", "eval_later_lr_scale"})
 
 
 class ModelDirError(DataError):

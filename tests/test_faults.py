@@ -120,10 +120,10 @@ def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, si
 # --- one run per model_dir -----------------------------------------------------------------------
 
 
-def start_long_run(run: Path, logged: int) -> subprocess.Popen:
+def start_long_run(run: Path, logged: int, checkpoint_every: int = 100000) -> subprocess.Popen:
   """A sinusoid run far longer than any test, returned once it has logged ``logged`` lines."""
   proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *SINUSOID,
-                           "--num_iterations=1000000", "--checkpoint_every=100000",
+                           "--num_iterations=1000000", f"--checkpoint_every={checkpoint_every}",
                            f"--model_dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
@@ -146,6 +146,42 @@ def test_a_second_run_on_a_model_dir_in_use_is_refused_naming_the_holder(tmp_pat
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
   assert proc.returncode == 0 and not (run / ".lock").exists()  # released on exit
+
+
+def test_a_checkpoint_rotated_away_while_copied_is_chosen_again(tmp_path, monkeypatch):
+  from trainer import loop
+
+  saved = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])).save(str(tmp_path / "ckpt"))
+  choices = iter([str(tmp_path / "gone-7"), saved])  # the first was deleted by rotation
+  monkeypatch.setattr(loop, "_chosen_checkpoint", lambda cfg: next(choices))
+  target = tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]))
+  assert loop._restore_a_copy(target, cfg=None) == saved
+  np.testing.assert_array_equal(target.v.numpy(), [1.0, 2.0])
+
+
+def test_meta_testing_runs_beside_a_live_training_run_that_rotates_checkpoints(tmp_path):
+  """--mode=eval takes no lock: it restores a private copy of the checkpoint (the live run
+  keeps saving and deleting old ones meanwhile) and writes only its own report."""
+  run = tmp_path / "run"
+  proc = start_long_run(run, 1, checkpoint_every=50)
+  try:
+    deadline = time.time() + 120
+    while tf.train.latest_checkpoint(str(run / "ckpt")) is None and time.time() < deadline:
+      time.sleep(0.05)
+    results = [trainer(*SINUSOID, "--mode=eval", "--eval_checkpoint=latest",
+                       f"--model_dir={run}") for _ in range(2)]
+    still_training = proc.poll() is None
+    steps_before_stop = max(steps_logged(run))
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert still_training and proc.returncode == 0
+  report = json.loads((run / "eval_test_latest.json").read_text())
+  assert report["checkpoint"].startswith(str(run / "ckpt" / "ckpt-"))
+  assert 0 < report["step"] <= steps_before_stop
+  assert not list(run.glob(".*.partial")) and not (run / ".lock").exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):

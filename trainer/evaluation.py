@@ -66,7 +66,7 @@ def summarize(metric_name: str, split: str, per_step: np.ndarray,
 def write_json(path: str | os.PathLike, content: dict) -> None:
   """Writes atomically: a reader never sees a half-written file."""
   path = Path(path)
-  partial = path.with_name(f".{path.name}.partial")
+  partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two writers never share it
   partial.write_text(json.dumps(content, indent=1) + "\n")
   os.replace(partial, path)
 

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -262,10 +263,7 @@ def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
 
 
-def evaluate(learner, task, cfg: RunConfig) -> dict:
-  """Meta-tests the best-by-val checkpoint (else, or if asked, the latest); writes
-  eval_<split>.json."""
-  checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+def _chosen_checkpoint(cfg: RunConfig) -> str:
   latest = tf.train.latest_checkpoint(str(cfg.model_dir / "ckpt"))
   chosen = latest if cfg.eval_checkpoint == "latest" else (
       tf.train.latest_checkpoint(str(cfg.model_dir / "best")) or latest)
@@ -279,12 +277,42 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   if chosen is None:
     raise guard.ModelDirError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
                             f"first (--mode=train or train_eval)")
-  try:
-    # Strict: the optimizer's slots too, so a checkpoint of another model is refused.
-    checkpoint.restore(chosen).assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise guard.ModelDirError(f"{chosen}: cannot be evaluated with these flags' model "
-                              f"({guard.first_line(e)})") from None
+  return chosen
+
+
+def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
+  """Restores the chosen checkpoint from a private copy of its files, so a training run that
+  holds the model_dir (``--mode=eval`` takes no lock) may rotate or replace it meanwhile; a
+  copy that loses that race is taken again. Returns the checkpoint's own path."""
+  for attempt in range(5):
+    chosen = _chosen_checkpoint(cfg)
+    with tempfile.TemporaryDirectory(prefix="eval-ckpt-") as copy_dir:
+      copy = os.path.join(copy_dir, os.path.basename(chosen))
+      try:
+        files = tf.io.gfile.glob(chosen + ".*")
+        if chosen + ".index" not in files:
+          raise tf.errors.NotFoundError(None, None, f"{chosen}.index is gone")
+        for f in files:
+          tf.io.gfile.copy(f, copy + f[len(chosen):], overwrite=True)
+        # Strict: the optimizer's slots too, so a checkpoint of another model is refused.
+        checkpoint.restore(copy).assert_existing_objects_matched()
+        return chosen
+      except tf.errors.NotFoundError:
+        if attempt == 4:
+          raise guard.ModelDirError(f"{chosen}: removed while being read, five times; is a "
+                                    f"run rotating checkpoints very fast?") from None
+        logging.info("%s was rotated away while being copied; choosing again", chosen)
+      except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise guard.ModelDirError(f"{chosen}: cannot be evaluated with these flags' model "
+                                  f"({guard.first_line(e)})") from None
+  raise AssertionError("unreachable")
+
+
+def evaluate(learner, task, cfg: RunConfig) -> dict:
+  """Meta-tests the best-by-val checkpoint (else, or if asked, the latest); writes
+  eval_<split>[...].json."""
+  checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+  chosen = _restore_a_copy(checkpoint, cfg)
   summary = run_evaluation(learner, task, cfg.eval_split, cfg.eval_episodes)
   summary["checkpoint"] = chosen
   if distribute.is_chief(learner.strategy):

@@ -100,8 +100,10 @@ def run() -> int:
     task.check_data(list(dict.fromkeys(needed)), sha256=values.get("verify_records", False))
   logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync, built.jit_compile)
-  # One process writes a model_dir at a time (under multi-worker, the chief writes it).
-  lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy)
+  # One process trains in a model_dir at a time (under multi-worker, the chief writes it).
+  # Meta-testing alone only reads a copy of a checkpoint and writes its own report, so it
+  # runs beside a live training run.
+  lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy) and training
           else contextlib.nullcontext())
   with lock:
     return execute(task, meta_learner, run_cfg, built.record)

@@ -21,8 +21,7 @@ def rl_config(values: dict, horizon: int) -> learner.RLConfig:
       horizon=horizon, inner_lr=values["inner_lr"], inner_steps=values["inner_steps"],
       eval_inner_steps=config.eval_inner_steps(values),
       eval_rollouts_per_task=values["eval_rollouts_per_task"] or values["rollouts_per_task"],
-      eval_later_lr_scale=(1.0 if values["eval_later_lr_scale"] is None
-                           else values["eval_later_lr_scale"]),
+      eval_later_lr_scale=values["eval_later_lr_scale"],
       first_order=values["first_order"],
       gamma=values["gamma"], gae_lambda=values["gae_lambda"],
       outer_optimizer=values["outer_optimizer"], meta_lr=values["meta_lr"],

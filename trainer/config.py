@@ -137,9 +137,9 @@ flags.DEFINE_integer("eval_rollouts_per_task", None, "Episodes per task and per 
                      "original code's RL test scripts sampled 40 (twice its training's 20); "
                      "must divide --meta_batch_size * --rollouts_per_task, the sampler's "
                      "environments.", lower_bound=1)
-flags.DEFINE_float("eval_later_lr_scale", None, "Validation and meta-test take adaptation steps "
-                   "after the first at --inner_lr times this (default 1: every step at "
-                   "--inner_lr). The original code's RL test scripts used 0.5 (0.5, then 0.25).",
+flags.DEFINE_float("eval_later_lr_scale", 1.0, "Validation and meta-test take adaptation steps "
+                   "after the first at --inner_lr times this (1: every step at --inner_lr). The "
+                   "original code's RL test scripts used 0.5 (0.5, then 0.25).",
                    lower_bound=0.0)
 flags.DEFINE_integer("horizon", 0, "Episode length (0: the task family's: 100 navigation, "
                      "200 locomotion, 10 bandits/MDPs).", lower_bound=0)

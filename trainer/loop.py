@@ -284,7 +284,7 @@ def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
   """Restores the chosen checkpoint from a private copy of its files, so a training run that
   holds the model_dir (``--mode=eval`` takes no lock) may rotate or replace it meanwhile; a
   copy that loses that race is taken again. Returns the checkpoint's own path."""
-  for attempt in range(5):
+  for _ in range(5):
     chosen = _chosen_checkpoint(cfg)
     with tempfile.TemporaryDirectory(prefix="eval-ckpt-") as copy_dir:
       copy = os.path.join(copy_dir, os.path.basename(chosen))
@@ -298,14 +298,12 @@ def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
         checkpoint.restore(copy).assert_existing_objects_matched()
         return chosen
       except tf.errors.NotFoundError:
-        if attempt == 4:
-          raise guard.ModelDirError(f"{chosen}: removed while being read, five times; is a "
-                                    f"run rotating checkpoints very fast?") from None
         logging.info("%s was rotated away while being copied; choosing again", chosen)
       except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise guard.ModelDirError(f"{chosen}: cannot be evaluated with these flags' model "
                                   f"({guard.first_line(e)})") from None
-  raise AssertionError("unreachable")
+  raise guard.ModelDirError(f"{chosen}: removed while being read, five times; is a run "
+                            f"rotating checkpoints very fast?")
 
 
 def evaluate(learner, task, cfg: RunConfig) -> dict:

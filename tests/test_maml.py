@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from numerics import assert_close_f32
 from trainer import maml, models
 
 
@@ -217,3 +218,28 @@ def test_adam_with_clipping_matches_tensorflows_v1_adam_on_clipped_gradients():
   for k in init:
     np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(ours[k].numpy(), init[k])
+
+
+def test_grouped_convolution_one_group_at_a_time_equals_the_grouped_kernel(monkeypatch):
+  """The path taken where TensorFlow cannot differentiate grouped convolutions (oneDNN off):
+  the same outputs, gradients and second-order gradients as the one grouped kernel."""
+  if not models.native_grouped_convolutions():
+    pytest.skip("this TensorFlow has no differentiable grouped convolution to compare with")
+  x = tf.random.stateless_normal([5, 8, 8, 3 * 4], seed=[1, 2])
+  kernel = tf.random.stateless_normal([3, 3, 4, 3 * 6], seed=[3, 4])
+
+  def outputs(native):
+    monkeypatch.setattr(models, "native_grouped_convolutions", lambda: native)
+    with tf.GradientTape() as outer:
+      outer.watch(kernel)
+      with tf.GradientTape() as inner:
+        inner.watch([x, kernel])
+        y = models.grouped_conv2d(x, kernel, groups=3, stride=2)
+        loss = tf.reduce_sum(tf.sin(y))
+      dx, dk = inner.gradient(loss, [x, kernel])
+      curvature = tf.reduce_sum(dx ** 2) + tf.reduce_sum(dk ** 2)
+    return y, dx, dk, outer.gradient(curvature, kernel)
+
+  # Sums of 3*3*4 = 36 terms (forward), 5*4*4 = 80 (filter gradient), through 3 passes.
+  for name, a, b in zip(("y", "dx", "dk", "d2k"), outputs(False), outputs(True)):
+    assert_close_f32(a, b, reduction_length=80, stages=3, err_msg=name)

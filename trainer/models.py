@@ -13,10 +13,12 @@ hence ``--jit_compile=auto``.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 NORMS = ("batch_norm", "layer_norm", "none")
 EPSILON = 1e-3  # tf.contrib.layers.batch_norm's default, as in the original MAML code
@@ -227,6 +229,47 @@ class ForwardContext:
     self.moments[f"{prefix}/variance"] = average(var)
 
 
+@functools.cache
+def native_grouped_convolutions() -> bool:
+  """Whether this TensorFlow differentiates a grouped convolution in graph mode.
+
+  oneDNN's CPU kernels, cuDNN and XLA do. TensorFlow's own CPU kernels compute the forward pass
+  but refuse its gradients ("filter_size does not have enough elements"), and TensorFlow
+  turns oneDNN off by default on x86 processors without AVX-512-class features (an AMD EPYC
+  with AVX2 here), or when ``TF_ENABLE_ONEDNN_OPTS=0``. Probed once, on a tiny case.
+  """
+  @tf.function
+  def backprops(x, w, dy):  # the two kernels a convolution's gradient runs
+    kw = dict(strides=[1, 2, 2, 1], padding="SAME")
+    return (tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
+                                            **kw),
+            tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
+                                           **kw))
+
+  with tf.init_scope():
+    try:  # 2 groups of 2 channels
+      backprops(tf.ones([1, 4, 4, 4]), tf.ones([3, 3, 2, 4]), tf.ones([1, 2, 2, 4]))
+      return True
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+      logging.warning("this TensorFlow cannot differentiate grouped convolutions (oneDNN is "
+                      "off: TF_ENABLE_ONEDNN_OPTS=0 or a build without it); conv4 runs one "
+                      "convolution per task instead, which is slower")
+      return False
+
+
+def grouped_conv2d(h: tf.Tensor, kernel: tf.Tensor, groups: int, stride: int) -> tf.Tensor:
+  """``[n, H, W, groups*cin]`` convolved with ``[3, 3, cin, groups*cout]``, group by group.
+
+  One grouped convolution where TensorFlow differentiates it; otherwise one ordinary
+  convolution per group (the same function, differentiable to any order everywhere).
+  """
+  if groups == 1 or native_grouped_convolutions():
+    return tf.nn.conv2d(h, kernel, strides=stride, padding="SAME")
+  return tf.concat([tf.nn.conv2d(x, w, strides=stride, padding="SAME")
+                    for x, w in zip(tf.split(h, groups, axis=-1),
+                                    tf.split(kernel, groups, axis=-1))], axis=-1)
+
+
 def head(features: tf.Tensor, params: dict) -> tf.Tensor:
   """The linear output layer on body features ``[B, n, d]``."""
   return tf.einsum("bnd,bdk->bnk", features, params["out/kernel"]) + params["out/bias"][:, None, :]
@@ -259,7 +302,7 @@ def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
     cin, cout = kernel.shape[3], kernel.shape[4]
     grouped = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, cin, B * cout])
     stride = 2 if cfg.downsample == "stride" else 1
-    h = tf.nn.conv2d(h, grouped, strides=stride, padding="SAME")
+    h = grouped_conv2d(h, grouped, B, stride)
     h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B, ctx))
     if cfg.downsample == "maxpool":
       h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")

@@ -14,7 +14,6 @@ endif
 PYTHON ?= $(firstword $(foreach v,$(SUPPORTED_PYTHONS),$(shell command -v python$(v))) $(shell command -v python3))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TF)
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test bench clean
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
 
 from absl import app, flags  # noqa: E402
 

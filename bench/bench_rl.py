@@ -12,7 +12,7 @@ import os
 import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
 
 from pipeline import datasets, download, episodes, paths  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402

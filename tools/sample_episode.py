@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
 
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -12,14 +12,13 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+from absl import app, flags, logging
 
-import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from pipeline.errors import DataError  # noqa: E402
-from trainer import config, distribute, evaluation, family, loop  # noqa: E402
-from trainer import model_dir as guard  # noqa: E402
+from pipeline import runtime_env
+from pipeline.errors import DataError
+from trainer import config, distribute, evaluation, family, loop
+from trainer import model_dir as guard
 
 FLAGS = flags.FLAGS
 
@@ -27,6 +26,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runtime_env.quiet_python_logger()  # after absl has set up logging from the flags
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   try:

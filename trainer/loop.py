@@ -99,7 +99,7 @@ class _Logs:
   """metrics.jsonl, TensorBoard scalars and a progress display, on the chief only."""
 
   def __init__(self, model_dir: Path, chief: bool, total: int, initial: int):
-    self.chief = chief
+    self.chief, self.total = chief, total
     self.jsonl = open(model_dir / "metrics.jsonl", "a") if chief else None
     self.writer = (tf.summary.create_file_writer(str(model_dir / "tb")) if chief
                    else tf.summary.create_noop_writer())
@@ -116,8 +116,9 @@ class _Logs:
     self.jsonl.write(json.dumps(dict(step=step, time=time.time(), **values)) + "\n")
     self.jsonl.flush()
     if self.bar.disable:
-      shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-      logging.info("step %d: %s", step, shown)
+      # Not a terminal (a log file, CI): one short line per log interval; every value is in
+      # metrics.jsonl and TensorBoard.
+      print(f"step {step}/{self.total}: {_short(values)}", file=sys.stderr, flush=True)
     else:
       self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in values.items()
                             if "loss" in k or "metric" in k or "val/" in k})
@@ -126,6 +127,23 @@ class _Logs:
     self.bar.close()
     if self.jsonl:
       self.jsonl.close()
+
+
+def _short(values: dict) -> str:
+  """``train: loss 0.412, accuracy 86.2%, 3.2 steps/s`` or ``val: accuracy 95.13 ± 0.92%``."""
+  show = lambda k, v: f"{100 * v:.2f}%" if k.endswith("accuracy") else f"{v:.4g}"
+  if "train/steps_per_s" in values:
+    loss = values["train/query_loss_post"]
+    metric = next(k for k in values if k.startswith("train/query_") and k.endswith("_post")
+                  and k != "train/query_loss_post")
+    name = metric[len("train/query_"):-len("_post")]
+    return (f"train: query loss {loss:.4g}, {name} {show(name, values[metric])}, "
+            f"{values['train/steps_per_s']:.2f} steps/s")
+  name = next(k for k in values if k.startswith("val/") and k != "val/ci95"
+              and "_after_" not in k)
+  ci = values["val/ci95"]
+  ci = f"{100 * ci:.2f}%" if name.endswith("accuracy") else f"{ci:.3g}"
+  return f"val: {name[4:]} {show(name, values[name]).rstrip('%')} ± {ci}"
 
 
 def run_evaluation(learner, task, split: str, episodes: int) -> dict:

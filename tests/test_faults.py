@@ -89,6 +89,22 @@ def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
                                               "num_iterations": 3000}})
 
 
+def test_the_default_mode_refuses_a_cosine_run_resumed_with_another_length(tmp_path):
+  """The trainer's default mode (train_eval) trains too, so it refuses as --mode=train does;
+  meta-testing the same run may name another length."""
+  run = tmp_path / "run"
+  cosine = (*SINUSOID, "--meta_lr_schedule=cosine", "--checkpoint_every=10")
+  first = trainer(*cosine, "--num_iterations=20", f"--model_dir={run}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  report = (run / "eval_test.json").read_text()
+  longer = trainer(*cosine, "--num_iterations=40", f"--model_dir={run}")
+  assert longer.returncode == 1
+  assert "--num_iterations=20 (now 40)" in error_line(longer.stderr)
+  assert checkpoint_step(run) == 20 and (run / "eval_test.json").read_text() == report
+  evaluated = trainer(*cosine, "--num_iterations=40", "--mode=eval", f"--model_dir={run}")
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+
 def test_eval_of_a_step_number_uses_that_checkpoint_or_lists_the_kept_ones(tmp_path):
   run = tmp_path / "run"
   result = trainer(*SINUSOID, "--num_iterations=20", "--checkpoint_every=10", "--mode=train",

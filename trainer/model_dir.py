@@ -48,9 +48,11 @@ def check_run_record(model_dir: Path, record: dict) -> None:
     raise ModelDirError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
   before, now = stored.get("flags", {}), record.get("flags", {})
   may_change = MAY_CHANGE
-  if before.get("meta_lr_schedule") == "cosine" and now.get("mode", "train") == "train":
+  if (before.get("meta_lr_schedule") == "cosine"
+      and now.get("mode", "train") in ("train", "train_eval")):
     # The cosine schedule anneals over --num_iterations: a longer or shorter resumed run would
-    # silently follow another schedule from the restored step on.
+    # silently follow another schedule from the restored step on. Meta-testing alone
+    # (--mode=eval) trains nothing, so it may name another length.
     may_change = MAY_CHANGE - {"num_iterations"}
   differ = [f"--{k}={_show(before.get(k))} (now {_show(now.get(k))})"
             for k in sorted(set(before) | set(now))

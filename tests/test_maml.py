@@ -229,7 +229,7 @@ def test_grouped_convolution_one_group_at_a_time_equals_the_grouped_kernel(monke
   kernel = tf.random.stateless_normal([3, 3, 4, 3 * 6], seed=[3, 4])
 
   def outputs(native):
-    monkeypatch.setattr(models, "native_grouped_convolutions", lambda: native)
+    monkeypatch.setattr(models, "native_grouped_convolutions", lambda dtype: native)
     with tf.GradientTape() as outer:
       outer.watch(kernel)
       with tf.GradientTape() as inner:

@@ -230,13 +230,14 @@ class ForwardContext:
 
 
 @functools.cache
-def native_grouped_convolutions() -> bool:
-  """Whether this TensorFlow differentiates a grouped convolution in graph mode.
+def native_grouped_convolutions(dtype: str = "float32") -> bool:
+  """Whether this TensorFlow differentiates a grouped convolution of ``dtype`` in graph mode.
 
   oneDNN's CPU kernels, cuDNN and XLA do. TensorFlow's own CPU kernels compute the forward pass
   but refuse its gradients ("filter_size does not have enough elements"), and TensorFlow
   turns oneDNN off by default on x86 processors without AVX-512-class features (an AMD EPYC
-  with AVX2 here), or when ``TF_ENABLE_ONEDNN_OPTS=0``. Probed once, on a tiny case.
+  with AVX2 here), or when ``TF_ENABLE_ONEDNN_OPTS=0``; and oneDNN has bfloat16 kernels only
+  where the processor has bfloat16 instructions. Probed once per dtype, on a tiny case.
   """
   @tf.function
   def backprops(x, w, dy):  # the two kernels a convolution's gradient runs
@@ -248,12 +249,13 @@ def native_grouped_convolutions() -> bool:
 
   with tf.init_scope():
     try:  # 2 groups of 2 channels
-      backprops(tf.ones([1, 4, 4, 4]), tf.ones([3, 3, 2, 4]), tf.ones([1, 2, 2, 4]))
+      backprops(tf.ones([1, 4, 4, 4], dtype), tf.ones([3, 3, 2, 4], dtype),
+                tf.ones([1, 2, 2, 4], dtype))
       return True
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-      logging.warning("this TensorFlow cannot differentiate grouped convolutions (oneDNN is "
-                      "off: TF_ENABLE_ONEDNN_OPTS=0 or a build without it); conv4 runs one "
-                      "convolution per task instead, which is slower")
+      logging.warning("this TensorFlow cannot differentiate %s grouped convolutions (oneDNN "
+                      "is off, TF_ENABLE_ONEDNN_OPTS=0, or has no such kernel here); conv4 runs "
+                      "one convolution per task instead, which is slower", dtype)
       return False
 
 
@@ -263,7 +265,7 @@ def grouped_conv2d(h: tf.Tensor, kernel: tf.Tensor, groups: int, stride: int) ->
   One grouped convolution where TensorFlow differentiates it; otherwise one ordinary
   convolution per group (the same function, differentiable to any order everywhere).
   """
-  if groups == 1 or native_grouped_convolutions():
+  if groups == 1 or native_grouped_convolutions(h.dtype.name):
     return tf.nn.conv2d(h, kernel, strides=stride, padding="SAME")
   return tf.concat([tf.nn.conv2d(x, w, strides=stride, padding="SAME")
                     for x, w in zip(tf.split(h, groups, axis=-1),

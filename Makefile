@@ -31,6 +31,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python tools/demo.py
 	$(BIN)/python -m trainer.main --flagfile=configs/demo.cfg
+	@echo "Export it and predict on images: $(BIN)/python -m trainer.export --model_dir=runs/demo_omniglot_5w1s --output=exports/demo, then tools/predict.py (README \"Use a trained model\")"
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -49,7 +49,7 @@ flags.DEFINE_string("single", None,
                     "Internal: run one case as 'case,order,jit,chunk,remat,inner_steps'.")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-# The shapes public MAML peers were compared at (README "Measured"): the paper's architecture,
+# The shapes public MAML peers were compared at (docs/benchmarks.md): the paper's architecture,
 # 15 query images per class. Overrides of the named config's flags.
 PEERS = {
     "peer_omniglot_5w1s_q15": ("omniglot_5w1s", {"k_query": 15, "meta_batch_size": 32,
@@ -105,15 +105,16 @@ def run_single(spec: str) -> dict:
   import numpy as np
   import tensorflow as tf
   import dataclasses
-  from trainer import config, maml, models
+  from trainer import maml, models
+  from trainer import supervised_config as sc
   case, order, jit, chunk, remat, inner = spec.split(",")
   chunk = int(chunk)
   values = case_values(case)
   if inner:
     values["inner_steps"] = int(inner)
   shape = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}.get(values["dataset"])
-  cfg = config.model_config(values, shape)
-  meta = dataclasses.replace(config.meta_config(values), first_order=order == "first",
+  cfg = sc.model_config(values, shape)
+  meta = dataclasses.replace(sc.meta_config(values), first_order=order == "first",
                              remat=remat == "true")
   is_regression = cfg.kind == "mlp"
   n = 1 if is_regression else values["n_way"]
@@ -187,7 +188,7 @@ def run_training_loop(records: str, sampler: str) -> dict:
   meta_learner = learner.MetaLearner(strategy, cfg, maml.MetaConfig(1, 0.4), optim.AdamConfig(),
                                      seed=0, meta_batch_size=32, eval_inner_steps=1,
                                      jit_compile=bool(tf.config.list_logical_devices("GPU")))
-  iterator = iter(task.train_data(strategy, 0))
+  iterator = task.train_data(strategy, 0)
   meta_learner.train_loop(iterator, tf.constant(1))
   times = []
   for _ in range(3):

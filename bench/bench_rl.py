@@ -29,7 +29,7 @@ MACHINE = f"CPU {platform.machine()} x{os.cpu_count()}"
 def main(_):
   import tensorflow as tf
   from rl import envs, learner, policies, task
-  from rl import family as rl_family
+  from rl import config as rl_config
   from trainer import config
   from rl.sampler import VectorSampler
   for name in FLAGS.envs:
@@ -50,10 +50,10 @@ def main(_):
   name = "2DNavigation-v0"
   sampler = VectorSampler(name, 20 * 20)
   values = dict(config.default_values(), env=name, meta_batch_size=20, rollouts_per_task=20)
-  cfg = rl_family.rl_config(values, horizon=100)
+  cfg = rl_config.rl_config(values, horizon=100)
   policy = policies.PolicyConfig("gaussian", sampler.obs_dim, sampler.action_dim)
   meta = learner.RLMetaLearner(tf.distribute.get_strategy(), cfg, policy, sampler, seed=0)
-  stream = task.MetaRLTask(sampler, 20, 0).train_dataset(None, 0)
+  stream = task.MetaRLTask(sampler, 20, 0).train_data(None, 0)
   meta.train_loop(stream, 1)  # traces the TF functions
   times = []
   for _ in range(FLAGS.iterations):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from pipeline.errors import DataError
+from pipeline.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The stateless RNG of every sampler, named so that XLA draws the same numbers as the CPU/GPU
@@ -56,7 +56,7 @@ class Sharding:
 def check_divisible(global_batch: int, replicas: int, name: str = "meta_batch_size") -> int:
   """A global batch of tasks must split evenly over the replicas (static shapes per replica)."""
   if global_batch % replicas:
-    raise DataError(f"{name}={global_batch} is not divisible by the {replicas} replicas in "
+    raise UsageError(f"{name}={global_batch} is not divisible by the {replicas} replicas in "
                     f"sync")
   return global_batch
 

@@ -14,27 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 from rl import maml_rl, policies, returns
+from rl.config import RLConfig
 from rl.sampler import Rollouts, VectorSampler
 from trainer import maml, optim
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-  """No defaults: the flags' (trainer/config.py) are the only ones."""
-  meta_batch_size: int  # tasks per meta-iteration
-  rollouts_per_task: int
-  horizon: int
-  inner_lr: float
-  inner_steps: int
-  eval_inner_steps: int
-  eval_rollouts_per_task: int  # validation and meta-test
-  eval_later_lr_scale: float  # validation and meta-test: steps after the first at inner_lr * this
-  first_order: bool
-  gamma: float
-  gae_lambda: float
-  outer_optimizer: str  # "trpo" or "adam"
-  meta_lr: float  # adam only
-  trpo: maml_rl.TRPOConfig
 
 
 class RLMetaLearner:
@@ -62,21 +44,16 @@ class RLMetaLearner:
   def step(self) -> tf.Variable:
     return self._iterations
 
-  @property
-  def eval_protocol(self) -> dict:
-    """What evaluation reports record beside their numbers (and name their file after, when
-    it is not the training protocol)."""
-    return {"rollouts_per_task": self.cfg.eval_rollouts_per_task,
-            "later_lr_scale": self.cfg.eval_later_lr_scale}
-
-  @property
-  def eval_suffix(self) -> str:
+  def eval_variant(self) -> tuple[str, dict]:
+    """The evaluation protocol the report records, and its file's suffix when it is not the
+    training protocol (more rollouts, smaller later steps)."""
     suffix = ""
     if self.cfg.eval_rollouts_per_task != self.cfg.rollouts_per_task:
       suffix += f"_rollouts{self.cfg.eval_rollouts_per_task}"
     if self.cfg.eval_later_lr_scale != 1.0:
       suffix += f"_laterlr{self.cfg.eval_later_lr_scale:g}"
-    return suffix
+    return suffix, {"rollouts_per_task": self.cfg.eval_rollouts_per_task,
+                    "later_lr_scale": self.cfg.eval_later_lr_scale}
 
   def checkpoint_items(self) -> dict:
     # Under "optimizer/iterations" for TRPO too, where checkpoints have always kept the count.
@@ -164,23 +141,30 @@ class RLMetaLearner:
       for k, v in self.params.items():
         v.assign(new[k])
       self._iterations.assign_add(1)
-      outer_loss = info["surrogate_before"]  # like the supervised learner: before the update
+      surrogate, trpo = info["surrogate_before"], info  # the surrogate before the update
     else:
       old_logp, old_dist = self._trpo.old_policy(params, pre, post)
       grads, surrogate, _ = self._trpo.gradient(params, pre, post, old_logp, old_dist)
       self.optimizer.apply(self.params, grads)
-      outer_loss = float(surrogate)
-    metrics = {"support_loss_pre": inner_loss, "support_metric_pre": float(rets[0].mean()),
-               "query_loss_post": outer_loss, "query_metric_post": float(rets[-1].mean())}
+      surrogate, trpo = float(surrogate), None
+    # Headline first: the mean return after adaptation, then before it.
+    metrics = {"return_post": float(rets[-1].mean()), "return_pre": float(rets[0].mean()),
+               "surrogate_loss": surrogate, "inner_loss": inner_loss}
+    if trpo is not None:
+      # KL between the post-update policies before and after the step (0 if none was
+      # accepted), and the share of iterations whose line search accepted a step.
+      metrics["kl"], metrics["step_accepted"] = trpo["kl"], trpo["accepted"]
     if "log_std" in self.params:  # Gaussian policies: the exploration left to adapt with
       metrics["policy_std"] = float(tf.reduce_mean(tf.exp(self.params["log_std"])))
     return metrics
 
-  def train_loop(self, iterator, num_steps) -> dict:
+  def train_loop(self, data, num_steps) -> dict:
+    """``num_steps`` meta-iterations on ``data.batches`` (task lists and rollout seeds); the
+    means of their metrics."""
     totals = None
     n = int(num_steps)
     for _ in range(n):
-      tasks, seed = next(iterator)
+      tasks, seed = next(data.batches)
       metrics = self.meta_iteration(tasks, seed)
       totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
     return {k: v / n for k, v in totals.items()}

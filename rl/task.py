@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 
 from rl.sampler import VectorSampler
+from trainer.family import TrainData
 
 
 @dataclasses.dataclass
@@ -20,10 +21,13 @@ class MetaRLTask:
   splits = ("val", "test")  # held-out task streams (any name would hash to one: refuse typos)
   small_sample = True  # evaluated on tens of tasks: Student's t interval, not 1.96
 
-  def train_data(self, strategy, start_step: int):
+  def check_data(self, splits: list[str]) -> None:
+    del splits  # tasks are drawn from the environment family: nothing to read
+
+  def train_data(self, strategy, start_step: int) -> TrainData:
     """Task lists for the host-side sampler (rollouts are Python), not tf.data."""
     del strategy  # one device: RL meta-training refuses more replicas
-    return self.train_dataset(None, start_step)
+    return TrainData(batches=self.train_dataset(None, start_step))
 
   def eval_data(self, strategy, split: str, episodes: int):
     del strategy

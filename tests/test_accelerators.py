@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import SINUSOID, error_line, run_script, trainer
+from helpers import SINUSOID, error_line, run_script, trainer
 
 
 @pytest.mark.numerics
@@ -30,7 +30,7 @@ def test_xla_conv4_meta_step_mirrored_over_two_devices_equals_one_device(small_o
       def run(strategy):
         l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
                                 meta_batch_size=4, eval_inner_steps=1, jit_compile=True)
-        means = l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+        means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
         return ({{k: float(v) for k, v in means.items()}},
                 {{k: v.numpy() for k, v in l.params.items()}})
       m1, p1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))

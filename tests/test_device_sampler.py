@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from conftest import SINUSOID, error_line, run_script, trainer
+from helpers import SINUSOID, error_line, run_script, trainer
 
 
 def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically(
@@ -31,9 +31,9 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
         replicas = strategy.num_replicas_in_sync
         # 1. The episodes, per replica, for steps 0..3 and again from step 2 (a resume).
         on_device = device_task.train_data(strategy, 0)
-        draw = tf.function(lambda s: strategy.run(lambda: on_device.replica_batch(s)))
+        draw = tf.function(lambda s: strategy.run(lambda: on_device.sample(s)))
         for start in (0, 2):
-          host = iter(host_task.train_data(strategy, start))
+          host = host_task.train_data(strategy, start).batches
           for step in range(start, 4):
             expected = strategy.experimental_local_results(next(host))
             got = strategy.experimental_local_results(draw(tf.constant(step, tf.int64)))
@@ -47,7 +47,7 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
           spec = episodes.EpisodeSpec(3, 1, 2, 4)
           xla = tf.function(lambda s: episodes.replica_meta_batch(
               data, spec, seed=7, step=s, replica=0, replicas=1), jit_compile=True)
-          expected = next(iter(host_task.train_data(strategy, 3)))
+          expected = next(host_task.train_data(strategy, 3).batches)
           got = xla(tf.constant(3, tf.int64))
           for k in ("support_images", "query_images", "support_labels", "episode_id"):
             np.testing.assert_array_equal(got[k].numpy(),
@@ -57,7 +57,7 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
         results = []
         for task in (host_task, device_task):
           l = make_learner(strategy)
-          l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+          l.train_loop(task.train_data(strategy, 0), tf.constant(3))
           results.append({{k: v.numpy() for k, v in l.params.items()}})
         for k in results[0]:
           np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-6, atol=1e-7,
@@ -65,12 +65,12 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
         # 3. Two steps, a checkpoint, a new learner restoring it and one more step: the same as
         # three steps straight (the step counter alone chooses the episodes).
         first = make_learner(strategy)
-        first.train_loop(iter(device_task.train_data(strategy, 0)), tf.constant(2))
+        first.train_loop(device_task.train_data(strategy, 0), tf.constant(2))
         path = tf.train.Checkpoint(**first.checkpoint_items()).save({str(tmp_path / "ckpt")!r}
                                                                      + str(replicas))
         resumed = make_learner(strategy)
         tf.train.Checkpoint(**resumed.checkpoint_items()).restore(path)
-        resumed.train_loop(iter(device_task.train_data(strategy, 2)), tf.constant(1))
+        resumed.train_loop(device_task.train_data(strategy, 2), tf.constant(1))
         for k in results[1]:
           np.testing.assert_allclose(resumed.params[k].numpy(), results[1][k], rtol=1e-6,
                                      atol=1e-7, err_msg=f"resumed {{k}}")

@@ -20,9 +20,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import error_line, omniglot_png
+from helpers import error_line, omniglot_png
 from pipeline import imaging, streams
-from trainer import config, learner, optim, tasks
+from trainer import config, learner, optim, supervised_config, tasks
 from trainer import model_dir as guard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def omniglot_run(request, tmp_path_factory):
 def trainer_meta_test(model_dir: Path, records: Path):
   """The trainer's own meta-test of EPISODES test episodes: (episodes, losses, accuracies)."""
   record = json.loads((model_dir / guard.RUN_RECORD).read_text())
-  model, meta = config.model_from_record(record)
+  model, meta = supervised_config.model_from_record(record)
   flags = record["flags"]
   task = tasks.FewShotClassification(records, model.num_outputs, flags["k_shot"],
                                      flags["k_query"], flags["eval_k_query"] or flags["k_query"],

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (FAST_BEAM, REPO, SINUSOID, checkpoint_step, error_line, free_ports,
+from helpers import (FAST_BEAM, REPO, SINUSOID, checkpoint_step, error_line, free_ports,
                       make_tiny_omniglot, trainer)
 from pipeline import datasets
+from pipeline.errors import UsageError
 
 
 
@@ -79,7 +80,7 @@ def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
   from trainer import model_dir as guard
   flags = {"meta_lr_schedule": "cosine", "num_iterations": 60000, "mode": "train"}
   guard.write_run_record(tmp_path, {"flags": flags})
-  with pytest.raises(guard.ModelDirError, match=r"--num_iterations=60000 \(now 3000\)"):
+  with pytest.raises(UsageError, match=r"--num_iterations=60000 \(now 3000\)"):
     guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000}})
   guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000, "mode": "eval"}})
   constant = tmp_path / "constant"

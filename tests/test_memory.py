@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 
 SCRIPT = textwrap.dedent("""
     import numpy as np, tensorflow as tf
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     def meta_gradient(strategy, chunk, jit, remat=False):
       # The learner's own per-replica computation, all-reduced as in its train step.
       l = make(strategy, chunk, jit, remat)
-      batch = next(iter(task.train_data(strategy, 0)))
+      batch = next(task.train_data(strategy, 0).batches)
       def replica(b):
         params, lrs = l._values()
         out = l._meta_gradients((False, False), params, lrs, l._inputs(b, l._train_per_replica),
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent("""
     losses = []
     for chunk in (0, 2):
       l = make(one, chunk, False)
-      means = l.train_loop(iter(task.train_data(one, 0)), tf.constant(3))
+      means = l.train_loop(task.train_data(one, 0), tf.constant(3))
       losses.append(float(means["query_loss_post"]))
     assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses
     try:
@@ -135,7 +135,7 @@ def test_bfloat16_conv4_meta_gradient_on_cpu_is_bounded():
 
 
 def test_float16_conv4_is_refused_on_cpu_at_start(tmp_path, omniglot_records):
-  from conftest import error_line, trainer
+  from helpers import error_line, trainer
   result = trainer("--dataset=omniglot", "--compute_dtype=float16",
                    f"--data_dir={omniglot_records}", f"--model_dir={tmp_path / 'run'}")
   assert result.returncode == 1
@@ -204,7 +204,7 @@ def test_the_benchmark_reports_variants_and_the_plot_draws_them(tmp_path):
   import subprocess
   import sys
 
-  from conftest import REPO
+  from helpers import REPO
   lines = []
   for spec in ("sinusoid_5shot,second,false,0,false,1", "sinusoid_5shot,second,false,0,true,2",
                "sinusoid_5shot,second,false,5,true,1"):
@@ -236,7 +236,7 @@ def test_the_peak_window_forgets_earlier_transients_and_sees_the_steps_own_peak(
 
   import numpy as np
 
-  from conftest import REPO
+  from helpers import REPO
   if not os.access("/proc/self/clear_refs", os.W_OK):
     pytest.skip("no /proc/self/clear_refs: the high-water mark cannot be restarted here")
   spec = importlib.util.spec_from_file_location(
@@ -258,7 +258,7 @@ def test_the_pytorch_yardstick_names_the_interpreter_without_torch():
   import subprocess
   import sys
 
-  from conftest import REPO
+  from helpers import REPO
   if importlib.util.find_spec("torch") is not None:
     pytest.skip("torch is installed in this interpreter")
   result = subprocess.run([sys.executable, "bench/peer_torch_func.py"], cwd=REPO,
@@ -272,7 +272,7 @@ def test_the_pytorch_yardstick_names_the_interpreter_without_torch():
 def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
   import json
 
-  from conftest import SINUSOID, trainer
+  from helpers import SINUSOID, trainer
   run = tmp_path / "run"
   result = trainer(*SINUSOID, "--remat", "--task_chunk=5", "--inner_steps=2",
                    "--num_iterations=20", f"--model_dir={run}")

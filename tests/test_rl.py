@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from rl import envs, learner, maml_rl, policies, returns
+from rl import config as rl_config
 from rl import family as rl_family
 from trainer import config
 from rl.sampler import VectorSampler
@@ -314,7 +315,7 @@ def test_evaluation_rollouts_beyond_the_sampler_run_in_passes_of_the_right_tasks
   values = dict(config.default_values(), env="2DNavigation-v0", meta_batch_size=4,
                 rollouts_per_task=2, eval_rollouts_per_task=4, eval_inner_steps=1)
   sampler = VectorSampler("2DNavigation-v0", 8)
-  cfg = rl_family.rl_config(values, horizon=5)
+  cfg = rl_config.rl_config(values, horizon=5)
   policy = policies.PolicyConfig("gaussian", 2, 2, (8,))
   meta = learner.RLMetaLearner(tf.distribute.get_strategy(), cfg, policy, sampler, seed=0)
   tasks = envs.Navigation2D().sample_tasks(3, np.random.default_rng(1))  # 2 passes, 1 padded
@@ -336,11 +337,11 @@ def test_evaluation_rollouts_beyond_the_sampler_run_in_passes_of_the_right_tasks
 
 
 def test_evaluation_rollouts_that_do_not_divide_the_sampler_are_refused_by_name():
-  from pipeline.errors import DataError
+  from pipeline.errors import UsageError
 
   values = dict(config.default_values(), dataset="rl", env="2DNavigation-v0", meta_batch_size=4,
                 rollouts_per_task=2, eval_rollouts_per_task=3)
-  with pytest.raises(DataError, match=r"--eval_rollouts_per_task=3 must divide .* = 8"):
+  with pytest.raises(UsageError, match=r"--eval_rollouts_per_task=3 must divide .* = 8"):
     rl_family.build(values, tf.distribute.get_strategy())
 
 

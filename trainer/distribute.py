@@ -6,12 +6,12 @@ import os
 
 import tensorflow as tf
 
-from pipeline.errors import DataError
+from pipeline.errors import UsageError, first_line
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
-class MissingDeviceError(DataError):
+class MissingDeviceError(UsageError):
   """The strategy asked for needs devices this TensorFlow does not see; says how to get them."""
 
 
@@ -23,7 +23,7 @@ def _tpu_resolver(tpu: str):
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, RuntimeError, tf.errors.OpError) as e:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise MissingDeviceError(
         f"--strategy=tpu{' --tpu=' + tpu if tpu else ''}: no TPU reachable from {build} "
         f"({reason}); on a Cloud TPU VM install TensorFlow's TPU build with make install "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,8 +34,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from pipeline.errors import DataError  # noqa: E402
+from pipeline.errors import DataError, UsageError, first_line  # noqa: E402
 from trainer import config, evaluation, family, maml, models  # noqa: E402
+from trainer import supervised_config as sc  # noqa: E402
 from trainer import model_dir as guard  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -56,10 +56,6 @@ flags.DEFINE_enum("norm_stats", None, ["batch", "running"],
 flags.DEFINE_boolean("overwrite", False, "Replace --output if it exists.")
 
 
-class ExportError(ValueError):
-  """Bad input to the export: the message names the folder, file or flag."""
-
-
 def load_run_record(model_dir: Path, from_flags: bool) -> dict:
   """``<model_dir>/config.json``; for runs older than it, the trainer's flags (a flagfile)."""
   path = model_dir / guard.RUN_RECORD
@@ -67,29 +63,19 @@ def load_run_record(model_dir: Path, from_flags: bool) -> dict:
     try:
       return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise ExportError(f"{path}: not valid JSON ({e})") from None
+      raise UsageError(f"{path}: not valid JSON ({e})") from None
   if not from_flags:
-    raise ExportError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started "
+    raise UsageError(f"--model_dir={model_dir} has no {guard.RUN_RECORD} (runs started "
                       f"before the trainer wrote one); pass the flags it was trained with, e.g. "
                       f"--flagfile=configs/<name>.cfg --data_dir=<records>")
   from trainer import supervised  # the trainer's own resolution of its flags
-  values = {name: FLAGS[name].value for name in config.flag_names()}
+  values = config.flag_values()
   if family.family_of(values["dataset"]).name != "images":
-    raise ExportError(f"--dataset={values['dataset']}: only image classifiers can be exported")
+    raise UsageError(f"--dataset={values['dataset']}: only image classifiers can be exported")
   task = supervised.image_task(values)
-  model = config.model_config(values, task.image_shape)
-  return config.run_record(values, model, config.meta_config(values), task.manifest)
-
-
-def choose_checkpoint(model_dir: Path, which: str) -> tuple[str, int]:
-  """(path, step) of the best-by-val checkpoint (else the latest), or of the latest."""
-  latest = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
-  chosen = latest if which == "latest" else (
-      tf.train.latest_checkpoint(str(model_dir / "best")) or latest)
-  if chosen is None:
-    raise ExportError(f"--model_dir={model_dir}: no checkpoint (train first)")
-  match = re.search(r"-(\d+)$", chosen)
-  return chosen, int(match.group(1)) if match else -1
+  model = sc.model_config(values, task.image_shape)
+  return config.run_record(values, **sc.record_parts(values, model, sc.meta_config(values),
+                                                     task.manifest))
 
 
 def restore(model: models.ModelConfig, meta: maml.MetaConfig, checkpoint: str) -> dict:
@@ -106,8 +92,7 @@ def restore(model: models.ModelConfig, meta: maml.MetaConfig, checkpoint: str) -
     tf.train.Checkpoint(**state).restore(checkpoint).expect_partial() \
         .assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ExportError(f"{checkpoint}: does not hold this run's model ({first})") from None
+    raise UsageError(f"{checkpoint}: does not hold this run's model ({first_line(e)})") from None
   return {group: {k: v.numpy() for k, v in values.items()} for group, values in state.items()}
 
 
@@ -244,19 +229,20 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, checkpoin
   """Writes the SavedModel and its metadata to ``output`` atomically; returns the metadata."""
   model_dir, output = Path(model_dir), Path(output)
   if not model_dir.is_dir():
-    raise ExportError(f"--model_dir={model_dir}: no such folder")
+    raise UsageError(f"--model_dir={model_dir}: no such folder")
   if output.exists() and not overwrite:
-    raise ExportError(f"--output={output} already exists; pass --overwrite to replace it")
+    raise UsageError(f"--output={output} already exists; pass --overwrite to replace it")
   record = load_run_record(model_dir, from_flags)
   if "model" not in record or "records" not in record:
-    raise ExportError(f"{model_dir / guard.RUN_RECORD}: not an image classifier's run "
+    raise UsageError(f"{model_dir / guard.RUN_RECORD}: not an image classifier's run "
                       f"(dataset {record.get('dataset')!r}); only those can be exported")
-  model, meta = config.model_from_record(record)
+  model, meta = sc.model_from_record(record)
   norm_stats = norm_stats or record["flags"].get("eval_norm_stats", "batch")
   if norm_stats == "running" and not model.stat_slots:
-    raise ExportError("--norm_stats=running: this run tracked no running statistics "
+    raise UsageError("--norm_stats=running: this run tracked no running statistics "
                       "(--bn_running_stats=none)")
-  path, step = choose_checkpoint(model_dir, checkpoint)
+  path = guard.choose_checkpoint(model_dir, checkpoint, flag="--checkpoint")
+  step = guard.checkpoint_step(path)
   arrays = restore(model, meta, path)
   steps = int(record["eval_inner_steps"])
   images = record["records"]
@@ -326,14 +312,13 @@ def main(argv) -> int:
     print("export: error: --model_dir and --output are required", file=sys.stderr)
     return 1
   # Any trainer flag given (directly or in a flagfile) describes a run without config.json.
-  from_flags = any(FLAGS[f.name].present for f in FLAGS.get_flags_for_module(config)
-                   if f.name != "model_dir")
+  from_flags = any(FLAGS[name].present for name in config.flag_names() if name != "model_dir")
   try:
     metadata = export(FLAGS.model_dir, FLAGS.output, checkpoint=FLAGS.checkpoint,
                       norm_stats=FLAGS.norm_stats, overwrite=FLAGS.overwrite,
                       from_flags=from_flags)
-  except (ExportError, DataError, OSError) as e:
-    print(f"export: error: {e}", file=sys.stderr)
+  except (UsageError, DataError, OSError) as e:
+    print(f"export: error: {first_line(e)}", file=sys.stderr)
     return 1
   result = metadata["meta_test"]
   accuracy = (f"meta-test {result['split']} accuracy {100 * result['mean']:.2f} ± "

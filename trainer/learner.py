@@ -19,7 +19,8 @@ from trainer import maml, models, optim
 
 SUM = tf.distribute.ReduceOp.SUM
 STATS_DECAY = 0.9  # running statistics' decay per meta-step (PyTorch's momentum 0.1, as MAML++)
-METRIC_KEYS = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
+# The meta-step's sums (trainer/maml.py), in the order the learner reports them.
+_SUMS = ("query_loss_post", "query_metric_post", "support_loss_pre", "support_metric_pre")
 
 
 class MetaLearner:
@@ -78,6 +79,10 @@ class MetaLearner:
   def step(self) -> tf.Variable:
     return self.optimizer.iterations
 
+  def eval_variant(self) -> tuple[str, dict]:
+    running = self.eval_running_stats
+    return ("_running" if running else ""), {"norm_stats": "running" if running else "batch"}
+
   def checkpoint_items(self) -> dict:
     return {"params": self.params, "inner_lrs": self.inner_lrs,
             "optimizer": self.optimizer.state(), "stats": self.stats}
@@ -127,10 +132,9 @@ class MetaLearner:
     sums = {k: v / chunks if k.startswith("moments/") else v for k, v in sums.items()}
     return grads, sums
 
-  def _replica_device_step(self, episodes_on_device, phase):
+  def _replica_device_step(self, sample, phase):
     """A training step whose meta-batch is drawn here, on the device, for this very step."""
-    return self._replica_train_step(episodes_on_device.replica_batch(tf.identity(self.step)),
-                                    phase)
+    return self._replica_train_step(sample(tf.identity(self.step)), phase)
 
   def _replica_train_step(self, batch, phase):
     params, lrs = self._values()
@@ -145,8 +149,10 @@ class MetaLearner:
     self.optimizer.apply(self.trainables, grads)
     return sums
 
-  def train_loop(self, iterator, num_steps) -> dict:
-    """``num_steps`` meta-steps; returns metric means over them.
+  def train_loop(self, data, num_steps) -> dict:
+    """``num_steps`` meta-steps on ``data`` (a :class:`trainer.family.TrainData`); returns
+    the means over them of the query loss and metric after adaptation and the support's
+    before (``query_loss_post``, ``query_accuracy_post`` or ``query_mse_post``, ...).
 
     The steps run in one compiled loop per training phase: a loop that would cross a phase
     boundary (derivative-order annealing, the end of the multi-step loss) is split there on
@@ -155,27 +161,28 @@ class MetaLearner:
     step = int(self.step.numpy())
     end = step + int(num_steps)
     bounds = [b for b in (self.meta.first_order_iterations, self.meta.msl_iterations) if b]
-    totals = {k: 0.0 for k in METRIC_KEYS}
+    totals = {k: 0.0 for k in _SUMS}
     while step < end:
       stop = min([end] + [b for b in bounds if b > step])
-      means = self._train_phase(iterator, tf.constant(stop - step), self._phase(step))
-      totals = {k: totals[k] + means[k] * (stop - step) for k in METRIC_KEYS}
+      means = self._train_phase(data.batches, data.sample, tf.constant(stop - step),
+                                self._phase(step))
+      totals = {k: totals[k] + means[k] * (stop - step) for k in _SUMS}
       step = stop
-    return {k: v / int(num_steps) for k, v in totals.items()}
+    metric = "accuracy" if self.meta.loss == "softmax" else self.meta.loss
+    return {k.replace("metric", metric): v / int(num_steps) for k, v in totals.items()}
 
   @tf.function
-  def _train_phase(self, iterator, num_steps: tf.Tensor, phase: tuple[bool, bool]) -> dict:
-    totals = {k: tf.constant(0.0) for k in METRIC_KEYS}
-    on_device = hasattr(iterator, "replica_batch")  # tasks.DeviceEpisodes: no host input
+  def _train_phase(self, batches, sample, num_steps: tf.Tensor, phase: tuple[bool, bool]):
+    totals = {k: tf.constant(0.0) for k in _SUMS}
     for _ in tf.range(num_steps):
-      if on_device:
-        sums = self.strategy.run(functools.partial(self._replica_device_step, iterator,
+      if sample is not None:  # the device sampler: each replica draws its own share here
+        sums = self.strategy.run(functools.partial(self._replica_device_step, sample,
                                                    phase=phase))
       else:
         sums = self.strategy.run(functools.partial(self._replica_train_step, phase=phase),
-                                 (next(iterator),))
+                                 (next(batches),))
       sums = self.strategy.experimental_local_results(sums)[0]  # identical after all-reduce
-      totals = {k: totals[k] + sums[k] for k in METRIC_KEYS}
+      totals = {k: totals[k] + sums[k] for k in _SUMS}
     scale = 1.0 / (tf.cast(num_steps, tf.float32) * self.meta_batch_size)
     return {k: v * scale for k, v in totals.items()}
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
+from pipeline.errors import UsageError, first_line
 from trainer import distribute, evaluation
 from trainer import model_dir as guard
 from trainer.config import RunConfig
@@ -130,26 +131,27 @@ class _Logs:
 
 
 def _short(values: dict) -> str:
-  """``train: loss 0.412, accuracy 86.2%, 3.2 steps/s`` or ``val: accuracy 95.13 ± 0.92%``."""
-  show = lambda k, v: f"{100 * v:.2f}%" if k.endswith("accuracy") else f"{v:.4g}"
+  """``train: query loss post 0.412, query accuracy post 86.20%, 3.2 steps/s`` (the learner's
+  first two metrics) or ``val: accuracy 95.13 ± 0.92%``."""
+  def show(key, value):
+    name = key.split("/", 1)[-1]
+    text = f"{100 * value:.2f}%" if "accuracy" in name else f"{value:.4g}"
+    return f"{name.replace('_', ' ')} {text}"
+
   if "train/steps_per_s" in values:
-    loss = values["train/query_loss_post"]
-    metric = next(k for k in values if k.startswith("train/query_") and k.endswith("_post")
-                  and k != "train/query_loss_post")
-    name = metric[len("train/query_"):-len("_post")]
-    return (f"train: query loss {loss:.4g}, {name} {show(name, values[metric])}, "
-            f"{values['train/steps_per_s']:.2f} steps/s")
+    headline = [k for k in values if k != "train/steps_per_s"][:2]
+    return ("train: " + ", ".join(show(k, values[k]) for k in headline)
+            + f", {values['train/steps_per_s']:.2f} steps/s")
   name = next(k for k in values if k.startswith("val/") and k != "val/ci95"
               and "_after_" not in k)
   ci = values["val/ci95"]
   ci = f"{100 * ci:.2f}%" if name.endswith("accuracy") else f"{ci:.3g}"
-  return f"val: {name[4:]} {show(name, values[name]).rstrip('%')} ± {ci}"
+  return f"val: {show(name, values[name]).rstrip('%')} ± {ci}"
 
 
 def run_evaluation(learner, task, split: str, episodes: int) -> dict:
   losses, metrics = learner.evaluate(task.eval_data(learner.strategy, split, episodes))
-  return evaluation.summarize(task.metric, split, metrics, losses,
-                              t_interval=getattr(task, "small_sample", False),
+  return evaluation.summarize(task.metric, split, metrics, losses, t_interval=task.small_sample,
                               step=int(learner.step.numpy()))
 
 
@@ -161,95 +163,135 @@ def _checkpoint_dirs(cfg: RunConfig, chief: bool, strategy) -> tuple[Path, Path]
   return scratch / "ckpt", scratch / "best"
 
 
+class _Training:
+  """One training run's state between loops: the checkpoints, the best-by-validation record,
+  the data, the logs. :func:`train` drives it through its named steps."""
+
+  def __init__(self, learner, task, cfg: RunConfig, record: dict | None):
+    self.learner, self.task, self.cfg = learner, task, cfg
+    strategy = learner.strategy
+    self.chief = distribute.is_chief(strategy)
+    cfg.model_dir.mkdir(parents=True, exist_ok=True)
+    if record is not None and self.chief:
+      guard.write_run_record(cfg.model_dir, record)
+    self.checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+    self.ckpt_dir, best_dir = _checkpoint_dirs(cfg, self.chief, strategy)
+    self.step = self._restore()
+    self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.ckpt_dir), max_to_keep=3)
+    self.best_manager = tf.train.CheckpointManager(self.checkpoint, str(best_dir), max_to_keep=1)
+    self.best_path = cfg.model_dir / "best.json"
+    self.best = json.loads(self.best_path.read_text()) if self.best_path.exists() else None
+    self.data = task.train_data(strategy, self.step)
+    self.logs = _Logs(cfg.model_dir, self.chief, cfg.num_iterations, self.step)
+
+  def _restore(self) -> int:
+    """Resumes from the newest intact checkpoint; drops logs written past it."""
+    restored = guard.restore_newest_intact(self.checkpoint, self.ckpt_dir)
+    if restored:
+      logging.info("resumed from %s", restored)
+    step = int(self.learner.step.numpy())
+    if self.chief:
+      dropped = guard.trim_metrics(self.cfg.model_dir, step)
+      if dropped:
+        logging.warning("dropped %d metrics.jsonl line(s) written after step %d (the restored "
+                        "checkpoint)", dropped, step)
+      if (self.cfg.model_dir / "tb").exists():
+        guard.purge_tensorboard(self.cfg.model_dir / "tb", step)
+    return step
+
+  def _due(self, every: int) -> bool:
+    return (bool(every) and self.step % every == 0) or self.finished
+
+  @property
+  def finished(self) -> bool:
+    return self.step == self.cfg.num_iterations
+
+  def stretch(self) -> int:
+    """Steps until the next log, validation, checkpoint or the end (at most steps_per_loop)."""
+    cfg, step = self.cfg, self.step
+    boundaries = [cfg.num_iterations, _next_multiple(step, cfg.log_every),
+                  _next_multiple(step, cfg.checkpoint_every)]
+    if cfg.eval_every:
+      boundaries.append(_next_multiple(step, cfg.eval_every))
+    return min([step + cfg.steps_per_loop] + boundaries) - step
+
+  def train(self, n: int) -> None:
+    """``n`` meta-steps in one compiled loop; refuses to go on from non-finite values."""
+    start = time.perf_counter()
+    means = {k: float(v) for k, v in self.learner.train_loop(self.data, tf.constant(n)).items()}
+    elapsed = time.perf_counter() - start
+    if not (all(math.isfinite(v) for v in means.values())
+            and _finite(self.learner.checkpoint_items())):
+      raise TrainingDiverged(_diverged(self.step, n, means, self.ckpt_dir))
+    self.step += n
+    self.logs.bar.update(n)
+    if self._due(self.cfg.log_every):
+      self.logs.scalars(self.step, {**{f"train/{k}": v for k, v in means.items()},
+                                    "train/steps_per_s": n / elapsed})
+
+  def validate(self) -> None:
+    """Validation episodes; the best checkpoint by them is kept in ``best/``."""
+    if not self._due(self.cfg.eval_every):
+      return
+    metric = self.task.metric
+    summary = run_evaluation(self.learner, self.task, "val", self.cfg.val_episodes)
+    last = summary["by_inner_steps"][str(len(summary["by_inner_steps"]) - 1)]
+    self.logs.scalars(self.step, {f"val/{metric}": last["mean"], "val/ci95": last["ci95"],
+                                  **{f"val/{metric}_after_{k}_steps": v["mean"]
+                                     for k, v in summary["by_inner_steps"].items()}})
+    best = self.best
+    if best is None or (last["mean"] > best["value"] if self.task.higher_is_better
+                        else last["mean"] < best["value"]):
+      self.best_manager.save(checkpoint_number=self.step)
+      self.best = {"step": self.step, "value": last["mean"], "ci95": last["ci95"],
+                   "metric": metric, "checkpoint": self.best_manager.latest_checkpoint}
+      if self.chief:
+        evaluation.write_json(self.best_path, self.best)
+
+  def save(self) -> None:
+    if self._due(self.cfg.checkpoint_every):
+      self.manager.save(checkpoint_number=self.step)
+
+  def stop(self, preemption: "_Preemption", cluster: "_ClusterPreemption | None") -> str | None:
+    """"interrupted" or "preempted" when a signal asked to stop (saved first), else None."""
+    if self.finished:
+      return None
+    if preemption.requested:
+      self.manager.save(checkpoint_number=self.step)
+      name = signal.Signals(preemption.requested).name
+      logging.warning("%s: saved step %d to %s; re-run the command to resume", name, self.step,
+                      self.manager.latest_checkpoint)
+      return "interrupted" if preemption.requested == signal.SIGINT else "preempted"
+    if cluster is not None and cluster.check(self.step):
+      logging.warning("preemption of a worker: saved step %d to %s; re-run the commands to "
+                      "resume", self.step, self.manager.latest_checkpoint)
+      return "preempted"
+    return None
+
+
 def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
   """Trains to ``cfg.num_iterations`` (resuming from ``model_dir``); returns a status dict.
 
   ``record`` (what defines the run, see :func:`trainer.config.run_record`) is written to
   ``<model_dir>/config.json`` when the run has none yet.
   """
-  strategy = learner.strategy
-  chief = distribute.is_chief(strategy)
-  cfg.model_dir.mkdir(parents=True, exist_ok=True)
-  if record is not None and chief:
-    guard.write_run_record(cfg.model_dir, record)
-  checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
-  ckpt_dir, best_dir = _checkpoint_dirs(cfg, chief, strategy)
-  restored = guard.restore_newest_intact(checkpoint, ckpt_dir)
-  if restored:
-    logging.info("resumed from %s", restored)
-  manager = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=3)
-  best_manager = tf.train.CheckpointManager(checkpoint, str(best_dir), max_to_keep=1)
-  step = int(learner.step.numpy())
-  if chief:
-    dropped = guard.trim_metrics(cfg.model_dir, step)
-    if dropped:
-      logging.warning("dropped %d metrics.jsonl line(s) written after step %d (the restored "
-                      "checkpoint)", dropped, step)
-    if (cfg.model_dir / "tb").exists():
-      guard.purge_tensorboard(cfg.model_dir / "tb", step)
-  best_path = cfg.model_dir / "best.json"
-  best = json.loads(best_path.read_text()) if best_path.exists() else None
-  iterator = iter(task.train_data(strategy, step))
-  logs = _Logs(cfg.model_dir, chief, cfg.num_iterations, step)
+  run = _Training(learner, task, cfg, record)
+  cluster = (_ClusterPreemption(learner.strategy, run.manager)
+             if isinstance(learner.strategy, tf.distribute.MultiWorkerMirroredStrategy) else None)
   status = "finished"
-  cluster = (_ClusterPreemption(strategy, manager)
-             if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else None)
   try:
     with _Preemption(cluster=cluster is not None) as preemption:
-      while step < cfg.num_iterations:
-        boundaries = [cfg.num_iterations, _next_multiple(step, cfg.log_every),
-                      _next_multiple(step, cfg.checkpoint_every)]
-        if cfg.eval_every:
-          boundaries.append(_next_multiple(step, cfg.eval_every))
-        n = min([step + cfg.steps_per_loop] + boundaries) - step
-        start = time.perf_counter()
-        means = {k: float(v) for k, v in learner.train_loop(iterator, tf.constant(n)).items()}
-        elapsed = time.perf_counter() - start
-        finite = all(math.isfinite(v) for v in means.values())
-        if not (finite and _finite(learner.checkpoint_items())):
-          raise TrainingDiverged(_diverged(step, n, means, ckpt_dir))
-        step += n
-        logs.bar.update(n)
-        final = step == cfg.num_iterations
-        if step % cfg.log_every == 0 or final:
-          logs.scalars(step, {
-              "train/support_loss_pre": means["support_loss_pre"],
-              f"train/support_{task.metric}_pre": means["support_metric_pre"],
-              "train/query_loss_post": means["query_loss_post"],
-              f"train/query_{task.metric}_post": means["query_metric_post"],
-              "train/steps_per_s": n / elapsed,
-              **{f"train/{k}": v for k, v in means.items() if k not in _STANDARD}})
-        if (cfg.eval_every and step % cfg.eval_every == 0) or final:
-          summary = run_evaluation(learner, task, "val", cfg.val_episodes)
-          last = summary["by_inner_steps"][str(len(summary["by_inner_steps"]) - 1)]
-          logs.scalars(step, {f"val/{task.metric}": last["mean"], "val/ci95": last["ci95"],
-                              **{f"val/{task.metric}_after_{k}_steps": v["mean"]
-                                 for k, v in summary["by_inner_steps"].items()}})
-          better = (best is None or (last["mean"] > best["value"] if task.higher_is_better
-                                     else last["mean"] < best["value"]))
-          if better:
-            best_manager.save(checkpoint_number=step)
-            best = {"step": step, "value": last["mean"], "ci95": last["ci95"],
-                    "metric": task.metric, "checkpoint": best_manager.latest_checkpoint}
-            if chief:
-              evaluation.write_json(best_path, best)
-        if step % cfg.checkpoint_every == 0 or final:
-          manager.save(checkpoint_number=step)
-        if preemption.requested and not final:
-          manager.save(checkpoint_number=step)
-          name = signal.Signals(preemption.requested).name
-          logging.warning("%s: saved step %d to %s; re-run the command to resume", name, step,
-                          manager.latest_checkpoint)
-          status = "interrupted" if preemption.requested == signal.SIGINT else "preempted"
-          break
-        if cluster is not None and not final and cluster.check(step):
-          logging.warning("preemption of a worker: saved step %d to %s; re-run the commands to "
-                          "resume", step, manager.latest_checkpoint)
-          status = "preempted"
+      while run.step < cfg.num_iterations:
+        run.train(run.stretch())
+        run.validate()
+        run.save()
+        stopped = run.stop(preemption, cluster)
+        if stopped:
+          status = stopped
           break
   finally:
-    logs.close()
-  return {"status": status, "step": step, "best": best}
+    run.logs.close()
+  return {"status": status, "step": run.step, "best": run.best}
 
 
 def _finite(items: dict) -> bool:
@@ -274,28 +316,8 @@ def _diverged(step: int, n: int, means: dict, ckpt_dir: Path) -> str:
           f"{good[-1] if good else 'none left (the run must start over)'}")
 
 
-_STANDARD = ("support_loss_pre", "support_metric_pre", "query_loss_post", "query_metric_post")
-
-
 def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
-
-
-def _chosen_checkpoint(cfg: RunConfig) -> str:
-  latest = tf.train.latest_checkpoint(str(cfg.model_dir / "ckpt"))
-  chosen = latest if cfg.eval_checkpoint == "latest" else (
-      tf.train.latest_checkpoint(str(cfg.model_dir / "best")) or latest)
-  if cfg.eval_checkpoint.isdigit():
-    chosen = str(cfg.model_dir / "ckpt" / f"ckpt-{int(cfg.eval_checkpoint)}")
-    if not tf.io.gfile.exists(chosen + ".index"):
-      kept = sorted(int(p.name[5:-6]) for p in (cfg.model_dir / "ckpt").glob("ckpt-*.index"))
-      raise guard.ModelDirError(f"--eval_checkpoint={cfg.eval_checkpoint}: no checkpoint of "
-                                f"that step in {cfg.model_dir / 'ckpt'} (kept: "
-                                f"{', '.join(map(str, kept)) or 'none'})")
-  if chosen is None:
-    raise guard.ModelDirError(f"--model_dir={cfg.model_dir}: no checkpoint to evaluate; train "
-                            f"first (--mode=train or train_eval)")
-  return chosen
 
 
 def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
@@ -303,7 +325,7 @@ def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
   holds the model_dir (``--mode=eval`` takes no lock) may rotate or replace it meanwhile; a
   copy that loses that race is taken again. Returns the checkpoint's own path."""
   for _ in range(5):
-    chosen = _chosen_checkpoint(cfg)
+    chosen = guard.choose_checkpoint(cfg.model_dir, cfg.eval_checkpoint)
     with tempfile.TemporaryDirectory(prefix="eval-ckpt-") as copy_dir:
       copy = os.path.join(copy_dir, os.path.basename(chosen))
       try:
@@ -318,10 +340,10 @@ def _restore_a_copy(checkpoint: tf.train.Checkpoint, cfg: RunConfig) -> str:
       except tf.errors.NotFoundError:
         logging.info("%s was rotated away while being copied; choosing again", chosen)
       except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise guard.ModelDirError(f"{chosen}: cannot be evaluated with these flags' model "
-                                  f"({guard.first_line(e)})") from None
-  raise guard.ModelDirError(f"{chosen}: removed while being read, five times; is a run "
-                            f"rotating checkpoints very fast?")
+        raise UsageError(f"{chosen}: cannot be evaluated with these flags' model "
+                         f"({first_line(e)})") from None
+  raise UsageError(f"{chosen}: removed while being read, five times; is a run rotating "
+                   f"checkpoints very fast?")
 
 
 def evaluate(learner, task, cfg: RunConfig) -> dict:
@@ -332,13 +354,12 @@ def evaluate(learner, task, cfg: RunConfig) -> dict:
   summary = run_evaluation(learner, task, cfg.eval_split, cfg.eval_episodes)
   summary["checkpoint"] = chosen
   if distribute.is_chief(learner.strategy):
-    running = getattr(learner, "eval_running_stats", False)
-    summary["norm_stats"] = "running" if running else "batch"
+    variant, fields = learner.eval_variant()
+    summary.update(fields)
     summary["checkpoint_choice"] = cfg.eval_checkpoint
     choice = {"best": "", "latest": "_latest"}.get(cfg.eval_checkpoint,
                                                    f"_step{cfg.eval_checkpoint}")
-    suffix = choice + ("_running" if running else "") + getattr(learner, "eval_suffix", "")
-    summary.update(getattr(learner, "eval_protocol", {}))
-    evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{suffix}.json", summary)
+    evaluation.write_json(cfg.model_dir / f"eval_{cfg.eval_split}{choice}{variant}.json",
+                          summary)
   return summary
 

@@ -1,8 +1,9 @@
 """Meta-train and meta-test MAML: ``python -m trainer.main --flagfile=configs/<name>.cfg``.
 
 Deliberately thin: flags -> the task family's factory (trainer/family.py) -> the model_dir's
-and the data's checks -> train / evaluate (trainer/loop.py). No family's internals are imported
-here: RL's (and its gymnasium/MuJoCo extra) only when --dataset=rl is chosen.
+and the data's checks -> train / evaluate (trainer/loop.py). No family is imported here: their
+flag modules when trainer/config.py registers every flag, their code only when chosen (RL's
+gymnasium/MuJoCo extra only for --dataset=rl).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from pipeline import runtime_env
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UsageError, first_line
 from trainer import config, distribute, evaluation, family, loop
 from trainer import model_dir as guard
 
@@ -41,18 +42,19 @@ def main(argv):
     # the error, would only bury the one line that says what went wrong.
     logging.set_verbosity(logging.ERROR)
     tf.get_logger().setLevel("ERROR")
-    hint = "" if isinstance(e, DataError) else " (--debug shows the traceback)"
+    hint = "" if isinstance(e, (DataError, UsageError)) else " (--debug shows the traceback)"
     print(f"trainer: error: {one_line(e)}{hint}", file=sys.stderr)
     return 1
 
 
 def one_line(error: BaseException) -> str:
-  """An error as one line: ours name the file or flag; others get their type and the first
-  line that says something (TensorFlow's runtime errors start with boilerplate)."""
+  """An error as one line: ours (DataError, UsageError) name the file or flag; others get their
+  type and the first line that says something (TensorFlow's runtime errors start with
+  boilerplate); a lost worker says which and how to resume."""
+  if isinstance(error, (DataError, UsageError, ValueError)):
+    return first_line(error)
   text = error.message if isinstance(error, tf.errors.OpError) else str(error)
   lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if isinstance(error, (DataError, ValueError)) and lines:
-    return lines[0]
   if (isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError))
       and any(m in text for m in ("unhealthy", "Collective ops is aborted", "Connection reset"))):
     lost = sorted({line for line in lines if line.startswith("/job:")}) or _peers()
@@ -81,37 +83,36 @@ def _peers() -> list[str]:
 
 def run() -> int:
   """Builds the chosen family, checks the model_dir and the data, then trains/evaluates."""
-  names = config.flag_names()
-  values = {name: FLAGS[name].value for name in names}
+  values = config.flag_values()
   chosen = family.family_of(values["dataset"])
-  family.refuse_inapplicable(chosen, {name for name in names if FLAGS[name].present})
+  family.refuse_inapplicable(chosen, {name for name in values if FLAGS[name].present},
+                             config.RUN.names)
   strategy = distribute.make_strategy(values["strategy"], values["tpu"])
   built = chosen.build(values, strategy)
   task, meta_learner = built.task, built.learner
   run_cfg = config.run_config(values, sys.argv)
   if run_cfg.eval_split not in task.splits:
-    raise DataError(f"--eval_split={run_cfg.eval_split}: not a split of this task "
-                    f"({', '.join(task.splits)})")
-  guard.check_run_record(run_cfg.model_dir, built.record)
-  training = run_cfg.mode in ("train", "train_eval")
-  evaluating = run_cfg.mode in ("eval", "train_eval")
-  if hasattr(task, "check_data"):
-    needed = (["train", "val"] if training else []) + ([run_cfg.eval_split] if evaluating else [])
-    task.check_data(list(dict.fromkeys(needed)), sha256=values.get("verify_records", False))
+    raise UsageError(f"--eval_split={run_cfg.eval_split}: not a split of this task "
+                     f"({', '.join(task.splits)})")
+  record = config.run_record(values, **built.record)
+  guard.check_run_record(run_cfg.model_dir, record, chosen, run_cfg.training)
+  needed = ((["train", "val"] if run_cfg.training else [])
+            + ([run_cfg.eval_split] if run_cfg.evaluating else []))
+  task.check_data(list(dict.fromkeys(needed)))
   logging.info("model_dir=%s strategy=%s replicas=%d jit_compile=%s", run_cfg.model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync, built.jit_compile)
   # One process trains in a model_dir at a time (under multi-worker, the chief writes it).
   # Meta-testing alone only reads a copy of a checkpoint and writes its own report, so it
   # runs beside a live training run.
-  lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy) and training
+  lock = (guard.Lock(run_cfg.model_dir) if distribute.is_chief(strategy) and run_cfg.training
           else contextlib.nullcontext())
   with lock:
-    return execute(task, meta_learner, run_cfg, built.record)
+    return execute(task, meta_learner, run_cfg, record)
 
 
 def execute(task, meta_learner, run_cfg, record: dict | None = None) -> int:
   """Train and/or meta-test, as --mode says; the same for supervised and RL learners."""
-  if run_cfg.mode in ("train", "train_eval"):
+  if run_cfg.training:
     try:
       result = loop.train(meta_learner, task, run_cfg, record)
     except loop.TrainingDiverged as e:
@@ -121,7 +122,7 @@ def execute(task, meta_learner, run_cfg, record: dict | None = None) -> int:
       return 0
     if result["status"] == "interrupted":
       return 130
-  if run_cfg.mode in ("eval", "train_eval"):
+  if run_cfg.evaluating:
     summary = loop.evaluate(meta_learner, task, run_cfg)
     print(evaluation.format_summary(summary), flush=True)
   return 0

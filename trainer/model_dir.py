@@ -18,42 +18,31 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
-from pipeline.errors import DataError
-from trainer import evaluation
+from pipeline.errors import UsageError, first_line
+from trainer import config, evaluation, family
 
 RUN_RECORD = "config.json"
 LOCK_NAME = ".lock"
-# Flags that may differ between the runs of one model_dir: how long and how often, where the
-# records are now, how to compute, and evaluation choices that write their own report file.
-MAY_CHANGE = frozenset({
-    "mode", "model_dir", "data_dir", "num_iterations", "eval_every", "val_episodes",
-    "eval_episodes", "eval_split", "eval_checkpoint", "eval_norm_stats", "eval_batch_size",
-    "checkpoint_every", "log_every", "steps_per_loop", "jit_compile", "strategy", "tpu",
-    "deterministic", "num_workers", "debug", "verify_records", "task_chunk", "remat",
-    "sampler", "eval_rollouts_per_task", "eval_later_lr_scale"})
 
 
-class ModelDirError(DataError):
-  """A model_dir that cannot be used as asked; the message names it and what is wrong."""
+def check_run_record(model_dir: Path, record: dict, chosen: family.Family,
+                     training: bool) -> None:
+  """Refuses settings that differ from those the run was started with (one line).
 
-
-def check_run_record(model_dir: Path, record: dict) -> None:
-  """Refuses settings that differ from those the run was started with (one line)."""
+  What may differ is declared where each flag is defined (``may_change``): the runner's and
+  the family's; the family may also keep a runner flag fixed for the run it was started as
+  (the cosine schedule's length).
+  """
   path = model_dir / RUN_RECORD
   if not path.exists():
     return
   try:
     stored = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise ModelDirError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
+    raise UsageError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
   before, now = stored.get("flags", {}), record.get("flags", {})
-  may_change = MAY_CHANGE
-  if (before.get("meta_lr_schedule") == "cosine"
-      and now.get("mode", "train") in ("train", "train_eval")):
-    # The cosine schedule anneals over --num_iterations: a longer or shorter resumed run would
-    # silently follow another schedule from the restored step on. Meta-testing alone
-    # (--mode=eval) trains nothing, so it may name another length.
-    may_change = MAY_CHANGE - {"num_iterations"}
+  may_change = ((config.RUN.may_change | chosen.may_change())
+                - chosen.fixed_on_resume(before, training))
   differ = [f"--{k}={_show(before.get(k))} (now {_show(now.get(k))})"
             for k in sorted(set(before) | set(now))
             if k not in may_change and before.get(k) != now.get(k)]
@@ -63,7 +52,7 @@ def check_run_record(model_dir: Path, record: dict) -> None:
         differ.append(f"records' {k}={stored['records'].get(k)} (now "
                       f"{record['records'].get(k)} in --data_dir)")
   if differ:
-    raise ModelDirError(f"--model_dir={model_dir} was started with other settings: "
+    raise UsageError(f"--model_dir={model_dir} was started with other settings: "
                         f"{', '.join(differ)}; use the run's flags (see {path}) or another "
                         f"--model_dir")
 
@@ -96,7 +85,7 @@ class Lock:
       except FileExistsError:
         holder = self._holder()
         if holder is not None and self._alive(holder):
-          raise ModelDirError(
+          raise UsageError(
               f"--model_dir={self.path.parent} is in use by process {holder.get('pid')} on "
               f"{holder.get('host')} (since {time.ctime(holder.get('since', 0))}); wait for "
               f"it, stop it, or delete {self.path} if that process is gone") from None
@@ -107,7 +96,7 @@ class Lock:
         json.dump(me, f)
       self.held = True
       return self
-    raise ModelDirError(f"{self.path}: could not take the lock (another run raced for it)")
+    raise UsageError(f"{self.path}: could not take the lock (another run raced for it)")
 
   def _holder(self) -> dict | None:
     try:
@@ -168,6 +157,31 @@ def set_aside(directory: Path, prefix: str, folder: str) -> Path:
   return target
 
 
+def choose_checkpoint(model_dir: Path, which: str, flag: str = "--eval_checkpoint") -> str:
+  """The checkpoint to meta-test or export: ``best`` (by validation, else the latest),
+  ``latest``, or a step number whose checkpoint is kept. ``flag`` names the choice in errors."""
+  ckpt_dir = model_dir / "ckpt"
+  if which.isdigit():
+    chosen = str(ckpt_dir / f"ckpt-{int(which)}")
+    if not tf.io.gfile.exists(chosen + ".index"):
+      kept = sorted(int(p.name[5:-6]) for p in ckpt_dir.glob("ckpt-*.index"))
+      raise UsageError(f"{flag}={which}: no checkpoint of that step in {ckpt_dir} (kept: "
+                       f"{', '.join(map(str, kept)) or 'none'})")
+    return chosen
+  latest = tf.train.latest_checkpoint(str(ckpt_dir))
+  chosen = latest if which == "latest" else (
+      tf.train.latest_checkpoint(str(model_dir / "best")) or latest)
+  if chosen is None:
+    raise UsageError(f"--model_dir={model_dir}: no checkpoint; train first (--mode=train or "
+                     f"train_eval)")
+  return chosen
+
+
+def checkpoint_step(prefix: str) -> int:
+  """The step a checkpoint prefix was saved at (``.../ckpt-1200`` -> 1200)."""
+  return int(prefix.rsplit("-", 1)[1])
+
+
 def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: Path) -> str | None:
   """Restores the newest checkpoint in ``directory`` that reads back whole; corrupt newer ones
   are set aside with a warning naming them. Every variable must be restored: a checkpoint of
@@ -179,7 +193,7 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: Path) -> s
     except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
       if not _unreadable(prefix):
         # Readable but not this model (shapes or variables differ): not corruption.
-        raise ModelDirError(f"{prefix}: does not match the model these flags build "
+        raise UsageError(f"{prefix}: does not match the model these flags build "
                             f"({first_line(e)})") from None
       target = set_aside(directory, prefix, "corrupt")
       logging.warning("checkpoint %s is corrupt (%s); moved to %s; trying the one before",
@@ -195,11 +209,6 @@ def _unreadable(prefix: str) -> bool:
     return False
   except Exception:  # pylint: disable=broad-except
     return True
-
-
-def first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
 
 
 def trim_metrics(model_dir: Path, step: int) -> int:

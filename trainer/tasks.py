@@ -11,7 +11,8 @@ import dataclasses
 import tensorflow as tf
 
 from pipeline import episodes, sinusoid, streams
-from pipeline.errors import DataError
+from pipeline.errors import UsageError
+from trainer.family import TrainData
 
 
 def distributed(strategy: tf.distribute.Strategy, make) -> tf.distribute.DistributedDataset:
@@ -38,26 +39,19 @@ class DeviceEpisodes:
   the strategy's scope: mirrored per GPU, replicated per TPU core); each replica then draws its
   share of a meta-batch inside the compiled step with the tf.data sampler's own stateless
   functions (:func:`pipeline.episodes.replica_meta_batch`), from the step counter alone: the
-  same episodes as the host path, and exact resumption. The learner recognises it in place of
-  an iterator.
+  same episodes as the host path, and exact resumption. The task hands the learner its
+  ``replica_batch`` as :class:`trainer.family.TrainData`'s ``sample``.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, data: episodes.ClassIndexedImages,
                spec: episodes.EpisodeSpec, seed: int):
     if not data.decoded:
-      raise DataError("--sampler=device needs the split's images decoded in memory")
+      raise UsageError("--sampler=device needs the split's images decoded in memory")
     self.spec, self.seed, self.replicas = spec, seed, strategy.num_replicas_in_sync
     self._data = data
     with strategy.scope():
       self.images = tf.Variable(data.images, trainable=False, name="episode_images",
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    raise TypeError("device episodes are drawn inside the training step (replica_batch), not "
-                    "fetched from the host")
 
   def replica_batch(self, step: tf.Tensor) -> dict:
     """This replica's meta-batch of ``step`` (call inside ``strategy.run``)."""
@@ -80,8 +74,10 @@ class FewShotClassification:
   eval_batch_size: int
   seed: int
   sampler: str = "host"  # "host": tf.data; "device": drawn inside the compiled step
+  verify_records: bool = False  # check_data also hashes every shard (SHA-256)
   metric = "accuracy"
   higher_is_better = True
+  small_sample = False
 
   def __post_init__(self):
     self.manifest = episodes.read_manifest(self.data_dir)
@@ -97,17 +93,19 @@ class FewShotClassification:
   def splits(self) -> tuple[str, ...]:
     return tuple(self.manifest["splits"])
 
-  def check_data(self, splits: list[str], sha256: bool = False) -> None:
+  def check_data(self, splits: list[str]) -> None:
     """Before the first step: the shards of ``splits`` are whole (and hash right)."""
     for split in splits:
-      episodes.verify_split(self.data_dir, split, sha256=sha256)
+      episodes.verify_split(self.data_dir, split, sha256=self.verify_records)
 
-  def train_data(self, strategy, start_step: int):
+  def train_data(self, strategy, start_step: int) -> TrainData:
     if self.sampler == "device":
-      return DeviceEpisodes(strategy, episodes.load_split(self.data_dir, "train"),
-                            episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query,
-                                                 self.meta_batch_size), self.seed)
-    return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
+      device = DeviceEpisodes(strategy, episodes.load_split(self.data_dir, "train"),
+                              episodes.EpisodeSpec(self.n_way, self.k_shot, self.k_query,
+                                                   self.meta_batch_size), self.seed)
+      return TrainData(sample=device.replica_batch)
+    return TrainData(batches=iter(distributed(
+        strategy, lambda sharding: self.train_dataset(sharding, start_step))))
 
   def eval_data(self, strategy, split: str, episodes_: int):
     return distributed(strategy, lambda sharding: self.eval_dataset(split, episodes_, sharding))
@@ -137,10 +135,15 @@ class SinusoidRegression:
   seed: int
   metric = "mse"
   higher_is_better = False
+  small_sample = False
   splits = ("val", "test")  # two fixed task streams; training draws fresh tasks
 
-  def train_data(self, strategy, start_step: int):
-    return distributed(strategy, lambda sharding: self.train_dataset(sharding, start_step))
+  def check_data(self, splits: list[str]) -> None:
+    del splits  # generated: nothing to check
+
+  def train_data(self, strategy, start_step: int) -> TrainData:
+    return TrainData(batches=iter(distributed(
+        strategy, lambda sharding: self.train_dataset(sharding, start_step))))
 
   def eval_data(self, strategy, split: str, episodes_: int):
     return distributed(strategy, lambda sharding: self.eval_dataset(split, episodes_, sharding))

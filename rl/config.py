@@ -1,0 +1,107 @@
+"""The meta-RL family's flags and config (``--dataset=rl``).
+
+Imports TensorFlow only (not gymnasium or MuJoCo, the ``rl`` extra), so that every command
+line can name these flags, and ``--helpfull`` list them, without the extra installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from absl import flags
+
+from pipeline.errors import UsageError
+from rl import maml_rl
+from trainer import meta_flags
+from trainer.flag_groups import FlagGroup
+
+RL = FlagGroup("meta-reinforcement learning", __name__)
+_TRPO = maml_rl.TRPOConfig
+_define = RL.define
+
+_define(flags.DEFINE_string, "env", "2DNavigation-v0", "RL task family: 2DNavigation-v0, "
+        "Bandit-K5-v0, Bandit-K10-v0, Bandit-K50-v0, TabularMDP-v0, HalfCheetahVel-v5, "
+        "HalfCheetahDir-v5, AntVel-v5, AntDir-v5, AntGoal-v5.")
+_define(flags.DEFINE_string, "env_kwargs", "{}", "JSON object of options for the task family, "
+        "e.g. '{\"reward\": \"squared\"}' for 2DNavigation-v0's squared-distance reward "
+        "(default: minus the distance, as the original code).")
+_define(flags.DEFINE_integer, "rollouts_per_task", 20, "Episodes per task and per adaptation "
+        "round.", lower_bound=1)
+_define(flags.DEFINE_integer, "eval_rollouts_per_task", None, "Episodes per task and per "
+        "adaptation round in validation and meta-test (default: --rollouts_per_task). The "
+        "original code's RL test scripts sampled 40 (twice its training's 20); must divide "
+        "--meta_batch_size * --rollouts_per_task, the sampler's environments.", lower_bound=1,
+        may_change=True)
+_define(flags.DEFINE_float, "eval_later_lr_scale", 1.0, "Validation and meta-test take "
+        "adaptation steps after the first at --inner_lr times this (1: every step at "
+        "--inner_lr). The original code's RL test scripts used 0.5 (0.5, then 0.25).",
+        lower_bound=0.0, may_change=True)
+_define(flags.DEFINE_integer, "horizon", 0, "Episode length (0: the task family's: 100 "
+        "navigation, 200 locomotion, 10 bandits/MDPs).", lower_bound=0)
+_define(flags.DEFINE_float, "gamma", 0.99, "Discount.", lower_bound=0.0, upper_bound=1.0)
+_define(flags.DEFINE_float, "gae_lambda", 1.0, "GAE lambda.", lower_bound=0.0, upper_bound=1.0)
+_define(flags.DEFINE_enum, "outer_optimizer", "trpo", ["trpo", "adam"],
+        "Meta-optimizer for RL.")
+_define(flags.DEFINE_float, "max_kl", _TRPO.max_kl, "TRPO KL bound.", lower_bound=0.0)
+_define(flags.DEFINE_integer, "cg_iters", _TRPO.cg_iters, "TRPO conjugate-gradient "
+        "iterations.", lower_bound=1)
+_define(flags.DEFINE_float, "cg_damping", _TRPO.cg_damping, "TRPO damping added to the "
+        "Fisher-vector products.", lower_bound=0.0)
+_define(flags.DEFINE_integer, "ls_max_steps", _TRPO.ls_max_steps, "TRPO line-search halvings.",
+        lower_bound=1)
+_define(flags.DEFINE_float, "ls_backtrack_ratio", _TRPO.ls_backtrack_ratio, "TRPO line-search "
+        "step ratio.", lower_bound=0.0, upper_bound=1.0)
+_define(flags.DEFINE_integer, "num_workers", 0, "Rollout worker processes (0: in-process).",
+        lower_bound=0, may_change=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """No defaults: the flags' are the only ones; evaluation's are resolved."""
+  meta_batch_size: int  # tasks per meta-iteration
+  rollouts_per_task: int
+  horizon: int
+  inner_lr: float
+  inner_steps: int
+  eval_inner_steps: int
+  eval_rollouts_per_task: int  # validation and meta-test
+  eval_later_lr_scale: float  # validation and meta-test: steps after the first at inner_lr * this
+  first_order: bool
+  gamma: float
+  gae_lambda: float
+  outer_optimizer: str  # "trpo" or "adam"
+  meta_lr: float  # adam only
+  trpo: maml_rl.TRPOConfig
+
+
+def rl_config(values: dict, horizon: int) -> RLConfig:
+  """The flags' RL config; ``horizon`` is --horizon or the environment's own."""
+  cfg = RLConfig(
+      meta_batch_size=values["meta_batch_size"], rollouts_per_task=values["rollouts_per_task"],
+      horizon=horizon, inner_lr=values["inner_lr"], inner_steps=values["inner_steps"],
+      eval_inner_steps=meta_flags.eval_inner_steps(values),
+      eval_rollouts_per_task=values["eval_rollouts_per_task"] or values["rollouts_per_task"],
+      eval_later_lr_scale=values["eval_later_lr_scale"],
+      first_order=values["first_order"],
+      gamma=values["gamma"], gae_lambda=values["gae_lambda"],
+      outer_optimizer=values["outer_optimizer"], meta_lr=values["meta_lr"],
+      trpo=maml_rl.TRPOConfig(values["max_kl"], values["cg_iters"], values["cg_damping"],
+                              values["ls_max_steps"], values["ls_backtrack_ratio"]))
+  environments = cfg.meta_batch_size * cfg.rollouts_per_task
+  if environments % cfg.eval_rollouts_per_task:
+    raise UsageError(f"--eval_rollouts_per_task={cfg.eval_rollouts_per_task} must divide "
+                     f"--meta_batch_size * --rollouts_per_task = {environments} (evaluation "
+                     f"samples in passes over the sampler's environments)")
+  return cfg
+
+
+def env_kwargs(values: dict) -> dict:
+  """--env_kwargs as a dict (one line naming the flag if it is not a JSON object)."""
+  try:
+    kwargs = json.loads(values["env_kwargs"])
+  except json.JSONDecodeError as e:
+    raise UsageError(f"--env_kwargs={values['env_kwargs']}: not JSON ({e})") from None
+  if not isinstance(kwargs, dict):
+    raise UsageError(f"--env_kwargs={values['env_kwargs']}: must be a JSON object")
+  return kwargs

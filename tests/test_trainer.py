@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, SINUSOID, checkpoint_step, free_ports, run_script, trainer
+from helpers import REPO, SINUSOID, checkpoint_step, free_ports, run_script, trainer
 
 
 def final_params(model_dir: Path) -> dict[str, np.ndarray]:
@@ -59,11 +59,22 @@ def test_a_flag_of_another_task_family_is_refused_not_ignored(tmp_path):
   assert not (tmp_path / "r").exists()
 
 
-def test_every_flag_belongs_to_a_family_or_to_all():
+def test_each_flag_is_defined_once_in_the_module_of_the_group_that_reads_it():
+  """The runner's group and the families' groups partition the trainer's flags, and each
+  group's flags are absl flags of its own module (so --helpfull lists them under it)."""
+  from absl import flags
   from trainer import config, family
-  names = set(config.flag_names())
-  covered = family.COMMON_FLAGS.union(*(f.flags for f in family.FAMILIES))
-  assert names == covered, (names - covered, covered - names)
+  groups = {id(g): g for f in family.FAMILIES for g in f.groups()}
+  groups[id(config.RUN)] = config.RUN
+  names = [n for g in groups.values() for n in g.names]
+  assert len(names) == len(set(names)) and set(names) == set(config.flag_names())
+  for group in groups.values():
+    defined = {f.name for f in flags.FLAGS.get_flags_for_module(group.module)}
+    assert set(group.names) <= defined, (group.title, set(group.names) - defined)
+    assert group.may_change <= set(group.names)
+  rl = next(f for f in family.FAMILIES if f.name == "rl")
+  assert {"max_kl", "env", "num_workers"} <= set(rl.flag_names())
+  assert "max_kl" not in config.RUN.names and "jit_compile" not in rl.flag_names()
 
 
 def test_model_dir_defaults_to_runs_named_after_the_last_flagfile():
@@ -84,10 +95,52 @@ def test_every_paper_config_parses_and_documents_itself():
     assert f"--flagfile=configs/{cfg.name}" in text and "Expected:" in text and "Time:" in text
   result = trainer("--flagfile=configs/sinusoid_5shot.cfg", "--helpfull")
   assert "--[no]learn_inner_lr: Meta-SGD" in result.stdout  # absl exits 1 after help
-  for name in ("omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_20w5s",
-               "mini_5w1s", "mini_5w5s"):  # the paper's experiments run the original's settings
-    text = (REPO / "configs" / f"{name}.cfg").read_text()
-    assert "--loss_reduction=original" in text and "Fidelity:" in text, name
+  values = config_values(*(f"{name}.cfg" for name in (
+      "omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_20w5s", "mini_5w1s",
+      "mini_5w5s")))
+  for name, flags_ in values.items():  # the paper's experiments run the original's settings
+    assert flags_["loss_reduction"] == "original", name
+    assert "Fidelity:" in (REPO / "configs" / name).read_text(), name
+
+
+def config_values(*names: str) -> dict[str, dict]:
+  """Each config's flag values as the trainer parses them (nested --flagfile lines followed),
+  in a subprocess: absl's flags are process-wide."""
+  script = textwrap.dedent("""
+      import json, sys
+      from absl import flags
+      from trainer import config
+      out = {}
+      for name in sys.argv[1:]:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["x", f"--flagfile=configs/{name}"])
+        out[name] = config.flag_values()
+      print(json.dumps(out))
+  """)
+  result = subprocess.run([sys.executable, "-c", script, *names], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_variant_config_includes_its_base_and_states_only_what_differs():
+  """``--flagfile=configs/<base>.cfg`` first, then only lines that change the base's values,
+  and the header names the base."""
+  variants = {}
+  for path in sorted((REPO / "configs").glob("*.cfg")):
+    flag_lines = [l.strip() for l in path.read_text().splitlines() if l.startswith("--")]
+    bases = [l.split("=", 1)[1] for l in flag_lines if l.startswith("--flagfile=")]
+    if bases:
+      assert len(bases) == 1 and flag_lines[0].startswith("--flagfile="), path.name
+      assert f"Variant of {bases[0]}" in path.read_text(), path.name
+      variants[path.name] = (Path(bases[0]).name, flag_lines[1:])
+  assert {"anil_omniglot_5w1s.cfg", "omniglot_20w5s.cfg", "rl_ant_goal.cfg"} <= set(variants)
+  values = config_values(*variants, *{base for base, _ in variants.values()})
+  for name, (base, lines) in variants.items():
+    changed = {k for k in values[name] if values[name][k] != values[base][k]}
+    stated = {l[2:].split("=", 1)[0] for l in lines}
+    stated = {k[2:] if k.startswith("no") and k[2:] in values[name] else k for k in stated}
+    assert stated == changed, (name, stated ^ changed)
 
 
 def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records, cifar_records):
@@ -103,10 +156,10 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
       for path in sorted(Path("configs").glob("*.cfg")):
         FLAGS.unparse_flags()
         FLAGS(["x", f"--flagfile={path}"])
-        names = config.flag_names()
-        values = {n: FLAGS[n].value for n in names}
+        values = config.flag_values()
         chosen = family.family_of(values["dataset"])
-        family.refuse_inapplicable(chosen, {n for n in names if FLAGS[n].present})
+        family.refuse_inapplicable(chosen, {n for n in values if FLAGS[n].present},
+                                   config.RUN.names)
         values["data_dir"] = records.get(values["dataset"])
         if chosen.name == "rl":  # few environments: the factory, not the sampler, is tested
           values.update(meta_batch_size=2, rollouts_per_task=1, eval_rollouts_per_task=None)
@@ -269,6 +322,33 @@ def test_plot_curves_writes_png_learning_curves(tmp_path):
                             f"--output={out}", str(run)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert missing.returncode != 0 and "has no 'val/nope'" in missing.stderr
+  with_reference = subprocess.run([sys.executable, "tools/plot_curves.py", "--compare=val/mse",
+                                   "--reference=paper:0.5", f"--output={out}", str(run)],
+                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert with_reference.returncode == 0, with_reference.stderr
+
+
+def test_curves_are_labelled_with_the_method_and_titled_with_the_setting(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("plot_curves", REPO / "tools" / "plot_curves.py")
+  plot_curves = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot_curves)
+  base = {"dataset": "omniglot", "n_way": 20, "k_shot": 1, "inner_adapt": "no_norm"}
+  runs = {"side20_omniglot_20w1s": base,
+          "side20_mamlpp_omniglot_20w1s": dict(base, per_step_inner_lr=True, msl_iterations=5000),
+          "side20_anil_omniglot_20w1s": dict(base, inner_adapt="head"),
+          "no_record": None}
+  dirs = []
+  for name, flags_ in runs.items():
+    (tmp_path / name).mkdir()
+    if flags_ is not None:
+      (tmp_path / name / "config.json").write_text(json.dumps({"flags": flags_}))
+    dirs.append(tmp_path / name)
+  assert plot_curves.labels(dirs) == ["MAML", "MAML++", "ANIL", "no_record"]
+  assert plot_curves.labels(dirs[:1] * 2) == ["MAML (side20_omniglot_20w1s)"] * 2
+  assert plot_curves.setting(base) == "Omniglot 20-way 1-shot"
+  assert plot_curves.method({"dataset": "rl", "env": "2DNavigation-v0"}) == "MAML-TRPO"
+  assert plot_curves.parse_reference("MAML paper:95.8") == ("MAML paper", 95.8)
 
 
 # --- distribution ------------------------------------------------------------------------------
@@ -293,7 +373,7 @@ def test_mirrored_over_two_devices_equals_one_device():
         l = learner.MetaLearner(strategy, cfg, maml.MetaConfig(2, 0.05, loss="mse"),
                                 optim.AdamConfig(1e-2, epsilon=1.0), seed=0, meta_batch_size=8,
                                 eval_inner_steps=2, jit_compile=False)
-        means = l.train_loop(iter(task.train_data(strategy, 0)), tf.constant(3))
+        means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
         # 12 evaluation episodes in batches of 8: the last batch is padded, then masked.
         losses, metrics = l.evaluate(task.eval_data(strategy, "val", 12))
         return ({k: float(v) for k, v in means.items()},
@@ -329,7 +409,7 @@ def test_meta_sgd_rates_are_learned_checkpointed_and_used_in_evaluation(tmp_path
                                jit_compile=False)
 
   trained = make()
-  trained.train_loop(iter(task.train_data(trained.strategy, 0)), tf.constant(5))
+  trained.train_loop(task.train_data(trained.strategy, 0), tf.constant(5))
   rates = {k: v.numpy() for k, v in trained.inner_lrs.items()}
   assert rates and all(np.abs(r - 0.01).max() > 1e-4 for r in rates.values())  # learned
   path = tf.train.Checkpoint(**trained.checkpoint_items()).save(str(tmp_path / "ckpt"))

@@ -5,7 +5,7 @@
   python bench/bench_pipeline.py --skip_build --records_root=/tmp/records
 
 Throughput is measured after a warm-up, over --seconds of wall time per case, on whatever
-machine runs it (the README names the one that produced its figures).
+machine runs it (docs/benchmarks.md names the one that produced its figures).
 """
 
 from __future__ import annotations

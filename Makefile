@@ -31,10 +31,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python tools/demo.py
 	$(BIN)/python -m trainer.main --flagfile=configs/demo.cfg
-	@echo "Export it and predict on images: $(BIN)/python -m trainer.export --model_dir=runs/demo_omniglot_5w1s --output=exports/demo, then tools/predict.py (README \"Use a trained model\")"
+	@echo "Export it and predict on images: $(BIN)/python -m trainer.export --model_dir=runs/demo_omniglot_5w1s --output=exports/demo, then tools/predict.py (docs/using.md)"
 
+# pytest workers (pytest-xdist): most tests wait on one trainer process, so one per core.
+PYTEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_pipeline.py

@@ -11,6 +11,7 @@ from helpers import SINUSOID, error_line, run_script, trainer
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_xla_conv4_meta_step_mirrored_over_two_devices_equals_one_device(small_omniglot):
   """The GPU/TPU configuration (jit_compile=True, replicas summing their meta-gradients) on
   two logical CPUs: three meta-steps give the one-device weights and metrics."""

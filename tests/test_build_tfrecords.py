@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import FAST_BEAM, make_tiny_mini, make_tiny_omniglot, real_dataset
+from helpers import FAST_BEAM, make_tiny_mini, make_tiny_omniglot, real_dataset
 from pipeline import datasets, download, records
 from pipeline.checksums import sha256_file
 from pipeline.errors import DataError
@@ -118,6 +118,7 @@ def test_norotations_gives_one_class_per_character(tmp_path):
   assert manifest["splits"]["train"]["classes"][0]["name"].count("/") == 1
 
 
+@pytest.mark.slow
 def test_full_real_omniglot_counts_and_maml_split(omniglot_records):
   manifest = json.loads((omniglot_records / "manifest.json").read_text())
   assert manifest["source"]["num_characters"] == 1623

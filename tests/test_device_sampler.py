@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from helpers import SINUSOID, error_line, run_script, trainer
 
 
+@pytest.mark.slow
 def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically(
     small_omniglot, tmp_path):
   script = textwrap.dedent(f"""
@@ -80,6 +83,7 @@ def test_device_episodes_equal_the_tf_data_ones_and_train_and_resume_identically
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_trainer_runs_with_device_episodes_and_refuses_them_for_sinusoid(
     small_omniglot, tmp_path):
   result = trainer("--dataset=omniglot", f"--data_dir={small_omniglot}", "--sampler=device",

@@ -144,6 +144,7 @@ STANDALONE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_predicts_what_the_trainer_meta_test_measured(trained, tmp_path):
   case, model_dir, records, export_dir = trained
   episodes, losses, accuracies, invert = trainer_meta_test(model_dir, records)
@@ -222,6 +223,7 @@ def test_export_resizes_any_image_size_as_the_builder_does(omniglot_export):
   np.testing.assert_array_equal(same_size, stored.astype(np.float32) * np.float32(1 / 255))
 
 
+@pytest.mark.slow
 def test_export_command_refuses_bad_runs_with_one_line(omniglot_run, tmp_path):
   _, model_dir, _, export_dir = omniglot_run
   result = run("-m", "trainer.export", f"--model_dir={model_dir}", f"--output={export_dir}")
@@ -286,6 +288,7 @@ def test_predict_command_prints_the_exports_prediction_per_query_file(omniglot_e
   assert text.returncode == 0 and [len(line) for line in lines] == [3, 3], text.stdout
 
 
+@pytest.mark.slow
 def test_predict_command_refuses_bad_folders_with_one_line(omniglot_export, tmp_path):
   def tree(name, **kwargs):
     return image_tree(tmp_path / name, **{"classes": 5, "per_class": 1, "queries": 2, **kwargs})
@@ -313,6 +316,7 @@ def test_predict_command_refuses_bad_folders_with_one_line(omniglot_export, tmp_
     error_line(result.stderr, "predict: error:")
 
 
+@pytest.mark.slow
 def test_sample_episode_writes_source_images_that_predict_reads(omniglot_export,
                                                                  omniglot_records, tmp_path):
   out = tmp_path / "episode"

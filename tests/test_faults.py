@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def sinusoid_run(tmp_path_factory) -> Path:
 # --- the model_dir remembers its settings ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_json_records_the_flags_and_resolved_model(sinusoid_run):
   record = json.loads((sinusoid_run / "config.json").read_text())
   assert record["flags"]["dataset"] == "sinusoid" and record["flags"]["k_shot"] == 5
@@ -62,6 +64,7 @@ def test_eval_with_a_changed_architecture_is_refused_and_keeps_the_report(sinuso
   assert (sinusoid_run / "eval_test.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused_but_run_length_may_change(sinusoid_run):
   result = trainer(*SINUSOID, "--num_iterations=40", "--learn_inner_lr",
                    f"--model_dir={sinusoid_run}")
@@ -76,20 +79,29 @@ def test_resume_with_changed_settings_is_refused_but_run_length_may_change(sinus
 
 def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
   """The cosine schedule anneals over --num_iterations: another length would silently change
-  the meta learning rate of every remaining step, so only eval may name another length."""
+  the meta learning rate of every remaining step, so only eval may name another length. The
+  rule is the supervised families' own (Family.fixed_on_resume), not the runner's."""
+  from trainer import family
   from trainer import model_dir as guard
+  images = family.family_of("omniglot")
   flags = {"meta_lr_schedule": "cosine", "num_iterations": 60000, "mode": "train"}
   guard.write_run_record(tmp_path, {"flags": flags})
   with pytest.raises(UsageError, match=r"--num_iterations=60000 \(now 3000\)"):
-    guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000}})
-  guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000, "mode": "eval"}})
+    guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000}}, images,
+                           training=True)
+  guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000, "mode": "eval"}},
+                         images, training=False)
   constant = tmp_path / "constant"
   constant.mkdir()
   guard.write_run_record(constant, {"flags": {**flags, "meta_lr_schedule": "constant"}})
   guard.check_run_record(constant, {"flags": {**flags, "meta_lr_schedule": "constant",
-                                              "num_iterations": 3000}})
+                                              "num_iterations": 3000}}, images, training=True)
+  rl = family.family_of("rl")  # no schedule over the length: RL may resume longer
+  guard.check_run_record(tmp_path, {"flags": {**flags, "num_iterations": 3000}}, rl,
+                         training=True)
 
 
+@pytest.mark.slow
 def test_the_default_mode_refuses_a_cosine_run_resumed_with_another_length(tmp_path):
   """The trainer's default mode (train_eval) trains too, so it refuses as --mode=train does;
   meta-testing the same run may name another length."""
@@ -106,6 +118,7 @@ def test_the_default_mode_refuses_a_cosine_run_resumed_with_another_length(tmp_p
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_eval_of_a_step_number_uses_that_checkpoint_or_lists_the_kept_ones(tmp_path):
   run = tmp_path / "run"
   result = trainer(*SINUSOID, "--num_iterations=20", "--checkpoint_every=10", "--mode=train",
@@ -122,6 +135,7 @@ def test_eval_of_a_step_number_uses_that_checkpoint_or_lists_the_kept_ones(tmp_p
   assert "(kept: 10, 20)" in error_line(missing.stderr)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_not_half_restored(tmp_path, sinusoid_run):
   """Without config.json (a run older than it), the strict restore still refuses."""
   run = tmp_path / "copy"
@@ -152,6 +166,7 @@ def start_long_run(run: Path, logged: int, checkpoint_every: int = 100000) -> su
   return proc
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_model_dir_in_use_is_refused_naming_the_holder(tmp_path):
   run = tmp_path / "run"
   proc = start_long_run(run, 1)
@@ -170,12 +185,14 @@ def test_a_checkpoint_rotated_away_while_copied_is_chosen_again(tmp_path, monkey
 
   saved = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])).save(str(tmp_path / "ckpt"))
   choices = iter([str(tmp_path / "gone-7"), saved])  # the first was deleted by rotation
-  monkeypatch.setattr(loop, "_chosen_checkpoint", lambda cfg: next(choices))
+  monkeypatch.setattr(loop.guard, "choose_checkpoint", lambda model_dir, which: next(choices))
   target = tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]))
-  assert loop._restore_a_copy(target, cfg=None) == saved
+  cfg = types.SimpleNamespace(model_dir=tmp_path, eval_checkpoint="best")
+  assert loop._restore_a_copy(target, cfg) == saved
   np.testing.assert_array_equal(target.v.numpy(), [1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_meta_testing_runs_beside_a_live_training_run_that_rotates_checkpoints(tmp_path):
   """--mode=eval takes no lock: it restores a private copy of the checkpoint (the live run
   keeps saving and deleting old ones meanwhile) and writes only its own report."""
@@ -201,6 +218,7 @@ def test_meta_testing_runs_beside_a_live_training_run_that_rotates_checkpoints(t
   assert not list(run.glob(".*.partial")) and not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
@@ -251,6 +269,7 @@ def test_a_truncated_val_shard_is_named_before_the_first_step(tiny_records, tmp_
   assert not (run / "ckpt").exists() and not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_record_counts_always_and_sha256_on_request(tiny_records, tmp_path):
   records = damaged_copy(tiny_records, tmp_path / "records")
   manifest = json.loads((records / "manifest.json").read_text())
@@ -278,6 +297,7 @@ def test_a_misspelled_eval_split_is_refused_at_start_for_every_task(tiny_records
 # --- checkpoints and logs ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   run = tmp_path / "run"
   first = trainer(*SINUSOID, "--num_iterations=30", "--checkpoint_every=10", "--mode=train",
@@ -295,6 +315,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert steps == sorted(steps) and steps.count(30) == 1  # steps 21-30 logged once
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_exits_130_and_a_second_resume_logs_no_duplicates(tmp_path):
   run = tmp_path / "run"
   proc = start_long_run(run, 3)
@@ -364,6 +385,7 @@ def start_workers(run: Path, ports: list[int], iterations: int) -> list[subproce
   return procs
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_checkpoints_every_worker_at_the_same_step(tmp_path):
   run = tmp_path / "run"
   procs = start_workers(run, free_ports(2), 1000000)
@@ -393,6 +415,7 @@ def test_sigterm_to_one_worker_checkpoints_every_worker_at_the_same_step(tmp_pat
   assert checkpoint_step(run) == saved + 10
 
 
+@pytest.mark.slow
 def test_a_worker_lost_outright_ends_the_other_with_one_line_naming_it(tmp_path):
   run = tmp_path / "run"
   procs = start_workers(run, free_ports(2), 1000000)

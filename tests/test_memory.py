@@ -73,6 +73,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_task_chunks_and_remat_give_the_same_meta_gradient_as_all_tasks_at_once():
   """Chunks of 1, 2 and 4 tasks, recomputed inner steps, and both, under one device, two
   mirrored replicas and XLA: the same meta-gradient (weights and learned rates), metric sums
@@ -190,6 +191,7 @@ REMAT_CASES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
   """Recomputing each inner step in the backward pass (second order through the recomputed
   inner gradient) changes nothing: weights, per-step norm parameters, learned rates, MSL."""
@@ -197,6 +199,7 @@ def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_benchmark_reports_variants_and_the_plot_draws_them(tmp_path):
   """bench_meta_step.py's lines name their variant and peak memory net of the baseline, and
   plot_memory.py turns a sweep of them into a PNG (sinusoid: seconds, not minutes)."""
@@ -269,6 +272,7 @@ def test_the_pytorch_yardstick_names_the_interpreter_without_torch():
                                    "a dependency of the toolkit")
 
 
+@pytest.mark.slow
 def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
   import json
 

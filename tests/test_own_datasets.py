@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 import ram_filesystem  # noqa: F401  (registers Beam's ram:// filesystem)
-from conftest import FAST_BEAM, REPO, error_line, trainer
+from helpers import FAST_BEAM, REPO, error_line, trainer
 from pipeline import datasets, episodes, records, tfds_source
 from pipeline.errors import DataError
 
@@ -89,6 +89,7 @@ def test_grayscale_output_converts_every_image(tmp_path):
   assert data.images.shape[1:] == (12, 12, 1)
 
 
+@pytest.mark.slow
 def test_the_trainer_takes_folder_records_with_no_other_change(tmp_path):
   src = make_folder_dataset(tmp_path / "src")
   build_folder(src, tmp_path / "rec")
@@ -195,6 +196,7 @@ def test_a_class_too_small_for_any_episode_is_warned_about(tmp_path, caplog):
              for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_the_tool_names_the_flag_at_fault_in_one_line(tmp_path):
   src = make_folder_dataset(tmp_path / "src", classes=6)
   for args, expected in [

@@ -407,6 +407,7 @@ def trainer(*args):
                         text=True, cwd=REPO, timeout=900)
 
 
+@pytest.mark.slow
 def test_short_navigation_meta_training_makes_adaptation_pay(tmp_path):
   result = trainer(*NAV, "--num_iterations=15", "--checkpoint_every=5",
                    f"--model_dir={tmp_path / 'run'}")
@@ -426,6 +427,7 @@ def test_short_navigation_meta_training_makes_adaptation_pay(tmp_path):
   assert other["by_inner_steps"]["0"]["mean"] != report["by_inner_steps"]["0"]["mean"]
 
 
+@pytest.mark.slow
 def test_rl_runs_resume_from_checkpoints_like_supervised_ones(tmp_path):
   common = [*NAV, "--checkpoint_every=2", "--mode=train", "--deterministic"]
   straight = trainer(*common, "--num_iterations=4", f"--model_dir={tmp_path / 'a'}")

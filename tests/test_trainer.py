@@ -143,6 +143,7 @@ def test_a_variant_config_includes_its_base_and_states_only_what_differs():
     assert stated == changed, (name, stated ^ changed)
 
 
+@pytest.mark.slow
 def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records, cifar_records):
   """Each flagfile through its family's factory: flags that apply, a task, a learner."""
   script = textwrap.dedent("""
@@ -189,6 +190,7 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
 # --- checkpoints -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_ends_with_identical_weights(tmp_path):
   args = [*SINUSOID, "--num_iterations=3000", "--checkpoint_every=50", "--steps_per_loop=5",
           "--deterministic", "--mode=train"]
@@ -241,6 +243,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   assert 0 < step < 50000 and step == max(r["step"] for r in rows)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_after_a_resume_is_the_best_of_the_whole_run(tmp_path):
   run = tmp_path / "run"
   args = [*SINUSOID, "--eval_every=10", "--checkpoint_every=10", "--mode=train",
@@ -259,6 +262,7 @@ def test_best_checkpoint_after_a_resume_is_the_best_of_the_whole_run(tmp_path):
 # --- results -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sinusoid_adaptation_lowers_the_test_mse_and_writes_the_eval_json(tmp_path):
   run = tmp_path / "run"
   result = trainer(*SINUSOID, "--num_iterations=1500", "--checkpoint_every=500",
@@ -288,6 +292,7 @@ def test_sinusoid_adaptation_lowers_the_test_mse_and_writes_the_eval_json(tmp_pa
   assert json.loads((run / "eval_test.json").read_text()) == report  # the best's report kept
 
 
+@pytest.mark.slow
 def test_short_omniglot_training_is_far_above_chance_on_test_classes(tmp_path, omniglot_records):
   run = tmp_path / "run"
   result = trainer("--flagfile=configs/omniglot_5w1s.cfg", f"--data_dir={omniglot_records}",
@@ -355,6 +360,7 @@ def test_curves_are_labelled_with_the_method_and_titled_with_the_setting(tmp_pat
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_mirrored_over_two_devices_equals_one_device():
   script = textwrap.dedent("""
       import functools, sys
@@ -428,6 +434,7 @@ def test_meta_sgd_rates_are_learned_checkpointed_and_used_in_evaluation(tmp_path
   assert not np.allclose(frozen[1], trained.evaluate(data)[1][1])
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_with_two_local_workers_completes_steps(tmp_path):
   ports = free_ports(2)
   cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}

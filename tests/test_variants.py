@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from test_maml import as_tensors, classification_batch, directional_fd, regression_batch
 from trainer import maml, models, optim
+from trainer.family import TrainData
 
 
 def grads_close(a, b, keys, rtol=1e-9, atol=1e-12):
@@ -291,8 +292,9 @@ MAMLPP_SINUSOID = ["--dataset=sinusoid", "--model=mlp", "--norm=batch_norm", "--
                    "--deterministic", "--mode=train"]
 
 
+@pytest.mark.slow
 def test_resume_across_the_derivative_order_switch_is_exact(tmp_path):
-  from test_trainer import trainer
+  from helpers import trainer
   straight = trainer(*MAMLPP_SINUSOID, "--num_iterations=6", f"--model_dir={tmp_path / 'a'}")
   assert straight.returncode == 0, straight.stderr[-2000:]
   first = trainer(*MAMLPP_SINUSOID, "--num_iterations=1", f"--model_dir={tmp_path / 'b'}")
@@ -328,7 +330,7 @@ def test_derivative_order_annealing_switches_at_the_given_iteration():
   for name, meta in {"fo": dataclasses.replace(base, first_order=True), "so": base,
                      "doa": dataclasses.replace(base, first_order_iterations=1)}.items():
     l = _learner(meta, cfg)
-    it = iter(task.train_dataset(streams.Sharding(), 0))
+    it = TrainData(batches=iter(task.train_dataset(streams.Sharding(), 0)))
     l.train_loop(it, tf.constant(1))
     one = {k: v.numpy() for k, v in l.params.items()}
     l.train_loop(it, tf.constant(1))
@@ -342,9 +344,10 @@ def test_derivative_order_annealing_switches_at_the_given_iteration():
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_mamlpp_step_under_mirrored_equals_one_device():
   import textwrap
-  from test_trainer import run_script
+  from helpers import run_script
   script = textwrap.dedent("""
       import functools, sys
       import numpy as np, tensorflow as tf
@@ -354,6 +357,7 @@ def test_mamlpp_step_under_mirrored_equals_one_device():
       from numerics import assert_close_f32
       from pipeline import streams
       from trainer import learner, maml, models, optim, tasks
+      from trainer.family import TrainData
       task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
       cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(16, 16), param_slots=3, stat_slots=3)
       meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True, msl_iterations=5,
@@ -366,7 +370,7 @@ def test_mamlpp_step_under_mirrored_equals_one_device():
                                 jit_compile=False, eval_running_stats=True)
         ds = strategy.distribute_datasets_from_function(
             lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0))
-        l.train_loop(iter(ds), tf.constant(3))
+        l.train_loop(TrainData(batches=iter(ds)), tf.constant(3))
         state = dict(l.params, **{"lr/" + k: v for k, v in l.inner_lrs.items()},
                      **{"stats/" + k: v for k, v in l.stats.items()})
         ev = strategy.distribute_datasets_from_function(

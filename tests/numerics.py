@@ -28,13 +28,21 @@ def float32_tolerance(reduction_length: int, stages: int = 1) -> float:
   return stages * reduction_length * EPS32
 
 
+def relative_difference(actual, expected) -> float:
+  """``||actual - expected|| / ||expected||`` in float64."""
+  a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), np.finfo(np.float32).tiny))
+
+
 def assert_close_f32(actual, expected, *, reduction_length: int, stages: int = 1,
-                     err_msg: str = "") -> None:
-  """``||actual - expected|| <= float32_tolerance(...) * ||expected||`` (in float64)."""
+                     at_least: float = 0.0, err_msg: str = "") -> None:
+  """``||actual - expected|| <= tolerance * ||expected||`` (in float64), the tolerance being
+  ``float32_tolerance(...)`` or ``at_least`` if larger: a measured rounding sensitivity of an
+  ill-conditioned computation (the spread between two correct float32 evaluations of it)."""
   a = np.asarray(actual, np.float64)
   e = np.asarray(expected, np.float64)
   assert a.shape == e.shape, f"{err_msg}: shapes {a.shape} and {e.shape}"
-  tolerance = float32_tolerance(reduction_length, stages)
+  tolerance = max(float32_tolerance(reduction_length, stages), at_least)
   error, scale = np.linalg.norm(a - e), np.linalg.norm(e)
   assert error <= tolerance * max(scale, np.finfo(np.float32).tiny), (
       f"{err_msg}: |actual - expected| = {error:.3g} > {tolerance:.2g} x |expected| "

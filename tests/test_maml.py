@@ -186,6 +186,7 @@ def test_evaluation_steps_lower_the_loss_of_the_examples_adapted_on():
   assert np.all(np.diff(losses, axis=0) < 0), losses
 
 
+@pytest.mark.numerics
 def test_conv4_meta_step_under_xla_equals_the_graph_step():
   """jit_compile=True is the GPU/TPU default: on tiny shapes its meta-gradient equals the
   graph step's (the CPU default)."""

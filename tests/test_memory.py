@@ -11,6 +11,8 @@ from helpers import run_script
 
 SCRIPT = textwrap.dedent("""
     import numpy as np, tensorflow as tf
+    import sys; sys.path.insert(0, "tests")
+    from numerics import assert_close_f32, relative_difference
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from trainer import learner, maml, models, optim, tasks
@@ -44,19 +46,24 @@ SCRIPT = textwrap.dedent("""
 
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    # Batch norm over 5 examples makes float32 second-order gradients differ ~1e-3 between
-    # XLA and graph mode (each ~1e-3 from float64): chunks are compared within one mode.
     refs = {jit: meta_gradient(one, 0, jit) for jit in (False, True)}
     assert any(k.startswith("moments/") for k in refs[False])
+    # Second order through batch norm over 5 examples is ill-conditioned: XLA and graph mode,
+    # two correct float32 evaluations of one meta-gradient, differ by up to ~6e-3 of an
+    # entry's norm (lr/dense0/offset, oneDNN off; ~1e-6 for the moments). That spread is the
+    # computation's own rounding sensitivity: chunks, replicas and remat, which add the same
+    # terms in other orders (tests/numerics.py), must agree within twice it, each mode with
+    # its own reference. A task lost or counted twice is off by O(1/8) and still fails.
+    spread = {k: relative_difference(refs[True][k], refs[False][k]) for k in refs[False]}
+    assert max(spread.values()) < 2e-2, spread
     for strategy, chunk, jit, remat in ((one, 2, False, False), (one, 1, False, False),
                                         (two, 2, False, False), (one, 4, True, False),
                                         (one, 0, False, True), (two, 0, False, True),
                                         (one, 2, False, True), (one, 0, True, True)):
       got = meta_gradient(strategy, chunk, jit, remat)
       for k, expected in refs[jit].items():
-        scale = np.abs(expected).max() + 1e-12
-        np.testing.assert_allclose(got[k] / scale, expected / scale, atol=1e-5,
-                                   err_msg=f"{k} chunk={chunk} jit={jit} remat={remat}")
+        assert_close_f32(got[k], expected, reduction_length=32, stages=2, at_least=2 * spread[k],
+                         err_msg=f"{k} chunk={chunk} jit={jit} remat={remat}")
     # End to end: chunked training follows the same path (losses over three steps).
     losses = []
     for chunk in (0, 2):
@@ -74,6 +81,7 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_task_chunks_and_remat_give_the_same_meta_gradient_as_all_tasks_at_once():
   """Chunks of 1, 2 and 4 tasks, recomputed inner steps, and both, under one device, two
   mirrored replicas and XLA: the same meta-gradient (weights and learned rates), metric sums
@@ -147,6 +155,8 @@ def test_float16_conv4_is_refused_on_cpu_at_start(tmp_path, omniglot_records):
 
 REMAT_CASES = textwrap.dedent("""
     import dataclasses, numpy as np, tensorflow as tf
+    import sys; sys.path.insert(0, "tests")
+    from numerics import assert_close_f32
     from trainer import maml, models
     rng = np.random.default_rng(0)
     B, N = 3, 3
@@ -183,15 +193,15 @@ REMAT_CASES = textwrap.dedent("""
       assert all(np.abs(v.numpy()).max() > 0 for k, v in got[False].items()
                  if not k.startswith(("support", "query"))), name
       for k, ref in got[False].items():
-        ref = ref.numpy()
-        scale = np.abs(ref).max() + 1e-12
-        np.testing.assert_allclose(got[True][k].numpy() / scale, ref / scale, atol=1e-5,
-                                   err_msg=f"{name}: {k}")
+        # Recomputed inner steps may be scheduled and fused otherwise (tests/numerics.py):
+        # 3x3x4-term sums through 3 inner steps of forward, backward and its backward.
+        assert_close_f32(got[True][k], ref, reduction_length=36, stages=9, err_msg=f"{name}: {k}")
     print("OK")
 """)
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
   """Recomputing each inner step in the backward pass (second order through the recomputed
   inner gradient) changes nothing: weights, per-step norm parameters, learned rates, MSL."""

@@ -1,5 +1,6 @@
 """Shared fixtures: real datasets (through MAML_DATASETS) and tiny datasets made on the fly;
-the ``real_data`` marker on every test that uses the real datasets."""
+the ``real_data`` marker on every test that uses the real datasets; two logical CPU devices
+(``helpers.TWO_CPUS``) for the tests of strategies, set up once before TensorFlow starts."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ import pytest
 
 import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
 
-from helpers import FAST_BEAM, make_tiny_omniglot, real_dataset  # noqa: E402
+from helpers import FAST_BEAM, TWO_CPUS, make_tiny_omniglot, real_dataset  # noqa: E402
 from pipeline import datasets  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+
+# The physical CPU as two logical devices, so that a MirroredStrategy over them replicates as on
+# two GPUs; it must be configured before TensorFlow's runtime starts, hence here. Tests that do
+# not name the second device run on the first, as on a plain CPU.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * len(TWO_CPUS))
 
 REAL_DATA_FIXTURES = {"omniglot_records", "mini_records"}
 

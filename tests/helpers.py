@@ -4,9 +4,9 @@ the fly (``from helpers import ...``; the fixtures that use them are in ``confte
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +24,17 @@ from pipeline import datasets, paths  # noqa: E402
 # In-process Beam for tiny builds: the multi-process default costs seconds of start-up.
 FAST_BEAM = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
 REPO = Path(__file__).resolve().parents[1]
+# The logical CPU devices conftest.py makes of the one physical CPU (strategy tests).
+TWO_CPUS = ("/cpu:0", "/cpu:1")
+
+
+@functools.cache
+def mirrored_over_two_cpus():
+  """One MirroredStrategy over TWO_CPUS for the whole process: each strategy numbers its
+  collective ops from the same start, so a second one in the process would run collectives
+  whose keys collide with the first's ("Shape mismatch in the collective instance")."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.distribute.MirroredStrategy(TWO_CPUS)
 # A sinusoid run small enough for end-to-end trainer tests (seconds per hundred steps).
 SINUSOID = ("--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
             "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
@@ -50,21 +61,6 @@ def error_line(stderr: str, prefix: str = "trainer: error:") -> str:
   lines = [line for line in stderr.strip().splitlines() if line.startswith(prefix)]
   assert len(lines) == 1 and stderr.strip().splitlines()[-1] == lines[0], stderr[-3000:]
   return lines[0]
-
-
-def run_script(script: str) -> subprocess.CompletedProcess:
-  """Runs a Python script in a fresh interpreter from the repository root.
-
-  A script killed by a signal (a native crash in TensorFlow's runtime, with no Python
-  traceback) fails the test, naming the signal: it is reported, never retried.
-  """
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-  if result.returncode < 0:
-    name = signal.Signals(-result.returncode).name
-    raise AssertionError(f"the script was killed by {name} (a native crash, no Python "
-                         f"traceback); its stderr ends: {result.stderr[-2000:]}")
-  return result
 
 
 def free_ports(n: int) -> list[int]:

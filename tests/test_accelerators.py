@@ -3,11 +3,15 @@ two logical devices, and the one-line refusal of a strategy whose devices are no
 
 from __future__ import annotations
 
-import textwrap
+import functools
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from helpers import SINUSOID, error_line, run_script, trainer
+from helpers import SINUSOID, TWO_CPUS, error_line, mirrored_over_two_cpus, trainer
+from numerics import assert_close_f32
+from trainer import learner, maml, models, optim, tasks
 
 
 @pytest.mark.numerics
@@ -15,43 +19,32 @@ from helpers import SINUSOID, error_line, run_script, trainer
 def test_xla_conv4_meta_step_mirrored_over_two_devices_equals_one_device(small_omniglot):
   """The GPU/TPU configuration (jit_compile=True, replicas summing their meta-gradients) on
   two logical CPUs: three meta-steps give the one-device weights and metrics."""
-  script = textwrap.dedent(f"""
-      import functools, sys
-      import numpy as np, tensorflow as tf
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from trainer import learner, maml, models, optim, tasks
-      sys.path.insert(0, "tests")
-      from numerics import assert_close_f32
-      task = tasks.FewShotClassification({str(small_omniglot)!r}, n_way=3, k_shot=1, k_query=1,
-                                         eval_k_query=1, meta_batch_size=4, eval_batch_size=4,
-                                         seed=0)
-      cfg = models.ModelConfig("conv4", task.image_shape, 3, num_filters=4, norm="batch_norm")
-      meta = maml.MetaConfig(1, 0.4, loss="softmax")
-      def run(strategy):
-        l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
-                                meta_batch_size=4, eval_inner_steps=1, jit_compile=True)
-        means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
-        return ({{k: float(v) for k, v in means.items()}},
-                {{k: v.numpy() for k, v in l.params.items()}})
-      m1, p1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
-      m2, p2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-      # XLA's kernels and the replicas' sums add in another order (tests/numerics.py): sums
-      # of up to 216 terms (batch norm's moments and the filter gradient of the first layer:
-      # 6 images x 6x6 positions), through 3 meta-steps of 2 forward and backward passes each.
-      close = functools.partial(assert_close_f32, reduction_length=216, stages=3 * 2 * 2)
-      for k in m1:
-        close(m2[k], m1[k], err_msg=k)
-      for k in p1:
-        close(p2[k], p1[k], err_msg=k)
-      start = models.init_params(cfg, 0)
-      kernels = [k for k in p1 if k.endswith("/kernel")]
-      assert len(kernels) == 5, kernels
-      assert all(np.abs(p1[k] - start[k]).max() > 1e-5 for k in kernels), "no update"
-      print("OK")
-  """)
-  result = run_script(script)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  task = tasks.FewShotClassification(str(small_omniglot), n_way=3, k_shot=1, k_query=1,
+                                     eval_k_query=1, meta_batch_size=4, eval_batch_size=4,
+                                     seed=0)
+  cfg = models.ModelConfig("conv4", task.image_shape, 3, num_filters=4, norm="batch_norm")
+  meta = maml.MetaConfig(1, 0.4, loss="softmax")
+
+  def run(strategy):
+    l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2), seed=0,
+                            meta_batch_size=4, eval_inner_steps=1, jit_compile=True)
+    means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
+    return {k: float(v) for k, v in means.items()}, {k: v.numpy() for k, v in l.params.items()}
+
+  m1, p1 = run(tf.distribute.OneDeviceStrategy(TWO_CPUS[0]))
+  m2, p2 = run(mirrored_over_two_cpus())
+  # XLA's kernels and the replicas' sums add in another order (tests/numerics.py): sums of up
+  # to 216 terms (batch norm's moments and the filter gradient of the first layer: 6 images x
+  # 6x6 positions), through 3 meta-steps of 2 forward and backward passes each.
+  close = functools.partial(assert_close_f32, reduction_length=216, stages=3 * 2 * 2)
+  for k in m1:
+    close(m2[k], m1[k], err_msg=k)
+  for k in p1:
+    close(p2[k], p1[k], err_msg=k)
+  start = models.init_params(cfg, 0)
+  kernels = [k for k in p1 if k.endswith("/kernel")]
+  assert len(kernels) == 5, kernels
+  assert all(np.abs(p1[k] - start[k]).max() > 1e-5 for k in kernels), "no update"
 
 
 @pytest.mark.parametrize("strategy, expected", [

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import TWO_CPUS, mirrored_over_two_cpus
 from pipeline import episodes, streams
 from pipeline.episodes import ClassIndexedImages, EpisodeSpec
 from pipeline.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def numbered_split(counts) -> ClassIndexedImages:
@@ -216,24 +211,15 @@ def test_missing_manifest_or_split_is_a_clear_error(tmp_path, mini_records):
 
 
 def test_distribute_datasets_from_function_feeds_replicas_their_share(mini_records):
-  script = textwrap.dedent(f"""
-      import numpy as np, tensorflow as tf
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from pipeline import episodes, streams
-      data = episodes.load_split({str(mini_records)!r}, "train")
-      spec = episodes.EpisodeSpec(5, 1, 2, meta_batch_size=4)
-      strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-      dist = strategy.distribute_datasets_from_function(lambda ctx: episodes.meta_batches(
-          data, spec, seed=2, sharding=streams.Sharding.from_input_context(ctx)))
-      single = next(iter(episodes.meta_batches(data, spec, seed=2)))
-      per_replica = next(iter(dist))
-      ids = [t.numpy().tolist() for t in strategy.experimental_local_results(per_replica["episode_id"])]
-      imgs = np.concatenate([t.numpy() for t in strategy.experimental_local_results(per_replica["query_images"])])
-      assert ids == [[0, 1], [2, 3]], ids
-      np.testing.assert_array_equal(imgs, single["query_images"].numpy())
-      print("OK")
-  """)
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  data = episodes.load_split(mini_records, "train")
+  spec = episodes.EpisodeSpec(5, 1, 2, meta_batch_size=4)
+  strategy = mirrored_over_two_cpus()
+  dist = strategy.distribute_datasets_from_function(lambda ctx: episodes.meta_batches(
+      data, spec, seed=2, sharding=streams.Sharding.from_input_context(ctx)))
+  single = next(iter(episodes.meta_batches(data, spec, seed=2)))
+  per_replica = next(iter(dist))
+  local = strategy.experimental_local_results
+  ids = [t.numpy().tolist() for t in local(per_replica["episode_id"])]
+  images = np.concatenate([t.numpy() for t in local(per_replica["query_images"])])
+  assert ids == [[0, 1], [2, 3]], ids
+  np.testing.assert_array_equal(images, single["query_images"].numpy())

@@ -3,81 +3,15 @@ precision within its bound."""
 
 from __future__ import annotations
 
-import textwrap
+import dataclasses
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from helpers import run_script
-
-SCRIPT = textwrap.dedent("""
-    import numpy as np, tensorflow as tf
-    import sys; sys.path.insert(0, "tests")
-    from numerics import assert_close_f32, relative_difference
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from trainer import learner, maml, models, optim, tasks
-    task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
-    # Batch norm with per-step running statistics: the moments are averaged over chunks too.
-    cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm",
-                             stat_slots=3)
-    meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True)
-
-    import dataclasses
-
-    def make(strategy, chunk, jit, remat=False):
-      return learner.MetaLearner(strategy, cfg, dataclasses.replace(meta, remat=remat),
-                                 optim.AdamConfig(1e-2), seed=0, meta_batch_size=8,
-                                 eval_inner_steps=2, jit_compile=jit, task_chunk=chunk)
-
-    def meta_gradient(strategy, chunk, jit, remat=False):
-      # The learner's own per-replica computation, all-reduced as in its train step.
-      l = make(strategy, chunk, jit, remat)
-      batch = next(task.train_data(strategy, 0).batches)
-      def replica(b):
-        params, lrs = l._values()
-        out = l._meta_gradients((False, False), params, lrs, l._inputs(b, l._train_per_replica),
-                                tf.constant(0, tf.int64))
-        return tf.distribute.get_replica_context().all_reduce("sum", out)
-      grads, sums = strategy.experimental_local_results(
-          tf.function(lambda b: strategy.run(replica, (b,)))(batch))[0]
-      replicas = strategy.num_replicas_in_sync  # moments are averaged, not summed, over them
-      sums = {k: v / replicas if k.startswith("moments/") else v for k, v in sums.items()}
-      return {k: v.numpy() for k, v in {**grads, **sums}.items()}
-
-    one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    refs = {jit: meta_gradient(one, 0, jit) for jit in (False, True)}
-    assert any(k.startswith("moments/") for k in refs[False])
-    # Second order through batch norm over 5 examples is ill-conditioned: XLA and graph mode,
-    # two correct float32 evaluations of one meta-gradient, differ by up to ~6e-3 of an
-    # entry's norm (lr/dense0/offset, oneDNN off; ~1e-6 for the moments). That spread is the
-    # computation's own rounding sensitivity: chunks, replicas and remat, which add the same
-    # terms in other orders (tests/numerics.py), must agree within twice it, each mode with
-    # its own reference. A task lost or counted twice is off by O(1/8) and still fails.
-    spread = {k: relative_difference(refs[True][k], refs[False][k]) for k in refs[False]}
-    assert max(spread.values()) < 2e-2, spread
-    for strategy, chunk, jit, remat in ((one, 2, False, False), (one, 1, False, False),
-                                        (two, 2, False, False), (one, 4, True, False),
-                                        (one, 0, False, True), (two, 0, False, True),
-                                        (one, 2, False, True), (one, 0, True, True)):
-      got = meta_gradient(strategy, chunk, jit, remat)
-      for k, expected in refs[jit].items():
-        assert_close_f32(got[k], expected, reduction_length=32, stages=2, at_least=2 * spread[k],
-                         err_msg=f"{k} chunk={chunk} jit={jit} remat={remat}")
-    # End to end: chunked training follows the same path (losses over three steps).
-    losses = []
-    for chunk in (0, 2):
-      l = make(one, chunk, False)
-      means = l.train_loop(task.train_data(one, 0), tf.constant(3))
-      losses.append(float(means["query_loss_post"]))
-    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses
-    try:
-      make(one, 3, False)
-      raise AssertionError("a chunk that does not divide the tasks was accepted")
-    except ValueError as e:
-      assert "--task_chunk=3 does not divide the 8" in str(e), e
-    print("OK")
-""")
+from helpers import TWO_CPUS, mirrored_over_two_cpus
+from numerics import assert_close_f32, relative_difference
+from trainer import learner, maml, models, optim, tasks
 
 
 @pytest.mark.slow
@@ -86,16 +20,67 @@ def test_task_chunks_and_remat_give_the_same_meta_gradient_as_all_tasks_at_once(
   """Chunks of 1, 2 and 4 tasks, recomputed inner steps, and both, under one device, two
   mirrored replicas and XLA: the same meta-gradient (weights and learned rates), metric sums
   and batch moments."""
-  result = run_script(SCRIPT)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
+  # Batch norm with per-step running statistics: the moments are averaged over chunks too.
+  cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm",
+                           stat_slots=3)
+  meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True)
+
+  def make(strategy, chunk, jit, remat=False):
+    return learner.MetaLearner(strategy, cfg, dataclasses.replace(meta, remat=remat),
+                               optim.AdamConfig(1e-2), seed=0, meta_batch_size=8,
+                               eval_inner_steps=2, jit_compile=jit, task_chunk=chunk)
+
+  def meta_gradient(strategy, chunk, jit, remat=False):
+    # The learner's own per-replica computation, all-reduced as in its train step.
+    l = make(strategy, chunk, jit, remat)
+    batch = next(task.train_data(strategy, 0).batches)
+    def replica(b):
+      params, lrs = l._values()
+      out = l._meta_gradients((False, False), params, lrs, l._inputs(b, l._train_per_replica),
+                              tf.constant(0, tf.int64))
+      return tf.distribute.get_replica_context().all_reduce("sum", out)
+    grads, sums = strategy.experimental_local_results(
+        tf.function(lambda b: strategy.run(replica, (b,)))(batch))[0]
+    replicas = strategy.num_replicas_in_sync  # moments are averaged, not summed, over them
+    sums = {k: v / replicas if k.startswith("moments/") else v for k, v in sums.items()}
+    return {k: v.numpy() for k, v in {**grads, **sums}.items()}
+
+  one = tf.distribute.OneDeviceStrategy(TWO_CPUS[0])
+  two = mirrored_over_two_cpus()
+  refs = {jit: meta_gradient(one, 0, jit) for jit in (False, True)}
+  assert any(k.startswith("moments/") for k in refs[False])
+  # Second order through batch norm over 5 examples is ill-conditioned: XLA and graph mode,
+  # two correct float32 evaluations of one meta-gradient, differ by up to ~6e-3 of an
+  # entry's norm (lr/dense0/offset, oneDNN off; ~1e-6 for the moments). That spread is the
+  # computation's own rounding sensitivity: chunks, replicas and remat, which add the same
+  # terms in other orders (tests/numerics.py), must agree within twice it, each mode with
+  # its own reference. A task lost or counted twice is off by O(1/8) and still fails.
+  spread = {k: relative_difference(refs[True][k], refs[False][k]) for k in refs[False]}
+  assert max(spread.values()) < 2e-2, spread
+  for strategy, chunk, jit, remat in ((one, 2, False, False), (one, 1, False, False),
+                                      (two, 2, False, False), (one, 4, True, False),
+                                      (one, 0, False, True), (two, 0, False, True),
+                                      (one, 2, False, True), (one, 0, True, True)):
+    got = meta_gradient(strategy, chunk, jit, remat)
+    for k, expected in refs[jit].items():
+      assert_close_f32(got[k], expected, reduction_length=32, stages=2, at_least=2 * spread[k],
+                       err_msg=f"{k} chunk={chunk} jit={jit} remat={remat}")
+  # End to end: chunked training follows the same path (losses over three steps).
+  losses = []
+  for chunk in (0, 2):
+    l = make(one, chunk, False)
+    means = l.train_loop(task.train_data(one, 0), tf.constant(3))
+    losses.append(float(means["query_loss_post"]))
+  # Three meta-steps of the sums above.
+  assert_close_f32(losses[1], losses[0], reduction_length=32, stages=3 * 2, err_msg="losses")
+  with pytest.raises(ValueError, match="--task_chunk=3 does not divide the 8"):
+    make(one, 3, False)
 
 
 def _meta_gradient_error(cfg, batch, dtype, **meta_kwargs):
   """Relative norm of (low-precision - float32) meta-gradient, and the two query losses."""
   import functools
-  import numpy as np
-  import tensorflow as tf
-  from trainer import maml, models
   params = {k: tf.constant(v) for k, v in models.init_params(cfg, 0).items()}
   out = {}
   for name in ("float32", dtype):
@@ -113,9 +98,6 @@ def _meta_gradient_error(cfg, batch, dtype, **meta_kwargs):
 def test_mixed_precision_meta_gradient_stays_near_float32_mlp(dtype, bound):
   """Second-order sinusoid meta-gradient in low precision, float32 weights and losses;
   measured: bfloat16 0.16 (8-bit mantissa), float16 with loss scaling ~1e-3."""
-  import numpy as np
-  import tensorflow as tf
-  from trainer import models
   rng = np.random.default_rng(0)
   x = lambda n: tf.constant(rng.uniform(-5, 5, (2, n, 1)), tf.float32)
   batch = {"support_x": x(5), "support_y": x(5), "query_x": x(10), "query_y": x(10)}
@@ -128,9 +110,6 @@ def test_mixed_precision_meta_gradient_stays_near_float32_mlp(dtype, bound):
 def test_bfloat16_conv4_meta_gradient_on_cpu_is_bounded():
   """conv4 in bfloat16 on this CPU: oneDNN's bfloat16 convolution gradients accumulate in low
   precision, 0.2-0.3 relative error measured (TPUs accumulate in float32); the losses agree."""
-  import numpy as np
-  import tensorflow as tf
-  from trainer import models
   cfg = models.ModelConfig("conv4", (28, 28, 1), 3, num_filters=16)
   rng = np.random.default_rng(0)
   labels = lambda m: tf.constant(np.tile(np.repeat(np.arange(3), m), (2, 1)), tf.int32)
@@ -153,60 +132,49 @@ def test_float16_conv4_is_refused_on_cpu_at_start(tmp_path, omniglot_records):
   assert not (tmp_path / "run").exists()
 
 
-REMAT_CASES = textwrap.dedent("""
-    import dataclasses, numpy as np, tensorflow as tf
-    import sys; sys.path.insert(0, "tests")
-    from numerics import assert_close_f32
-    from trainer import maml, models
-    rng = np.random.default_rng(0)
-    B, N = 3, 3
-
-    def batch(shape):
-      return {"support_x": tf.constant(rng.normal(size=(B, N) + shape), tf.float32),
-              "support_y": tf.constant(np.tile(np.arange(N), (B, 1)), tf.int32),
-              "query_x": tf.constant(rng.normal(size=(B, 2 * N) + shape), tf.float32),
-              "query_y": tf.constant(np.tile(np.arange(N), (B, 2)), tf.int32)}
-
-    conv = lambda **kw: models.ModelConfig("conv4", (8, 8, 1), N, num_filters=4, **kw)
-    cases = {
-        "maml": (conv(), maml.MetaConfig(3, 0.4)),
-        "mamlpp": (conv(param_slots=4, stat_slots=4),
-                   maml.MetaConfig(3, 0.1, per_step_inner_lr=True, msl_iterations=10,
-                                   inner_adapt="no_norm")),
-        "anil": (conv(), maml.MetaConfig(2, 0.4, inner_adapt="head")),
-        "meta_sgd": (models.ModelConfig("mlp", (4,), N, hidden_sizes=(8,)),
-                     maml.MetaConfig(2, 0.1, learn_inner_lr=True)),
-        "first_order": (conv(), maml.MetaConfig(2, 0.4, first_order=True)),
-    }
-    for name, (cfg, meta) in cases.items():
-      b = batch(cfg.input_shape)
-      params = {k: tf.constant(v) for k, v in models.init_params(cfg, 0).items()}
-      shapes = maml.learned_rate_shapes(meta, params)
-      lrs = {k: tf.constant(0.1 + 0.01 * rng.random(s), tf.float32)
-             for k, s in shapes.items()} or None
-      got = {}
-      for remat in (False, True):
-        m = dataclasses.replace(meta, remat=remat)
-        grads, sums = tf.function(lambda: maml.meta_gradients(
-            cfg, m, params, lrs, b, B, iteration=tf.constant(3, tf.int64)))()
-        got[remat] = {**grads, **sums}
-      assert all(np.abs(v.numpy()).max() > 0 for k, v in got[False].items()
-                 if not k.startswith(("support", "query"))), name
-      for k, ref in got[False].items():
-        # Recomputed inner steps may be scheduled and fused otherwise (tests/numerics.py):
-        # 3x3x4-term sums through 3 inner steps of forward, backward and its backward.
-        assert_close_f32(got[True][k], ref, reduction_length=36, stages=9, err_msg=f"{name}: {k}")
-    print("OK")
-""")
-
-
 @pytest.mark.slow
 @pytest.mark.numerics
 def test_remat_gives_the_same_meta_gradient_for_maml_mamlpp_anil_and_meta_sgd():
   """Recomputing each inner step in the backward pass (second order through the recomputed
   inner gradient) changes nothing: weights, per-step norm parameters, learned rates, MSL."""
-  result = run_script(REMAT_CASES)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  rng = np.random.default_rng(0)
+  B, N = 3, 3
+
+  def batch(shape):
+    return {"support_x": tf.constant(rng.normal(size=(B, N) + shape), tf.float32),
+            "support_y": tf.constant(np.tile(np.arange(N), (B, 1)), tf.int32),
+            "query_x": tf.constant(rng.normal(size=(B, 2 * N) + shape), tf.float32),
+            "query_y": tf.constant(np.tile(np.arange(N), (B, 2)), tf.int32)}
+
+  conv = lambda **kw: models.ModelConfig("conv4", (8, 8, 1), N, num_filters=4, **kw)
+  cases = {
+      "maml": (conv(), maml.MetaConfig(3, 0.4)),
+      "mamlpp": (conv(param_slots=4, stat_slots=4),
+                 maml.MetaConfig(3, 0.1, per_step_inner_lr=True, msl_iterations=10,
+                                 inner_adapt="no_norm")),
+      "anil": (conv(), maml.MetaConfig(2, 0.4, inner_adapt="head")),
+      "meta_sgd": (models.ModelConfig("mlp", (4,), N, hidden_sizes=(8,)),
+                   maml.MetaConfig(2, 0.1, learn_inner_lr=True)),
+      "first_order": (conv(), maml.MetaConfig(2, 0.4, first_order=True)),
+  }
+  for name, (cfg, meta) in cases.items():
+    b = batch(cfg.input_shape)
+    params = {k: tf.constant(v) for k, v in models.init_params(cfg, 0).items()}
+    shapes = maml.learned_rate_shapes(meta, params)
+    lrs = {k: tf.constant(0.1 + 0.01 * rng.random(s), tf.float32)
+           for k, s in shapes.items()} or None
+    got = {}
+    for remat in (False, True):
+      m = dataclasses.replace(meta, remat=remat)
+      grads, sums = tf.function(lambda: maml.meta_gradients(
+          cfg, m, params, lrs, b, B, iteration=tf.constant(3, tf.int64)))()
+      got[remat] = {**grads, **sums}
+    assert all(np.abs(v.numpy()).max() > 0 for k, v in got[False].items()
+               if not k.startswith(("support", "query"))), name
+    for k, ref in got[False].items():
+      # Recomputed inner steps may be scheduled and fused otherwise (tests/numerics.py):
+      # 3x3x4-term sums through 3 inner steps of forward, backward and its backward.
+      assert_close_f32(got[True][k], ref, reduction_length=36, stages=9, err_msg=f"{name}: {k}")
 
 
 @pytest.mark.slow
@@ -247,7 +215,6 @@ def test_the_peak_window_forgets_earlier_transients_and_sees_the_steps_own_peak(
   import importlib.util
   import os
 
-  import numpy as np
 
   from helpers import REPO
   if not os.access("/proc/self/clear_refs", os.W_OK):

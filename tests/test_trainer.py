@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO, SINUSOID, checkpoint_step, free_ports, run_script, trainer
+from helpers import (REPO, SINUSOID, TWO_CPUS, checkpoint_step, free_ports, mirrored_over_two_cpus,
+                     trainer)
+from numerics import assert_close_f32
 
 
 def final_params(model_dir: Path) -> dict[str, np.ndarray]:
@@ -362,45 +365,36 @@ def test_curves_are_labelled_with_the_method_and_titled_with_the_setting(tmp_pat
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_mirrored_over_two_devices_equals_one_device():
-  script = textwrap.dedent("""
-      import functools, sys
-      import numpy as np, tensorflow as tf
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from trainer import learner, maml, models, optim, tasks
-      sys.path.insert(0, "tests")
-      from numerics import assert_close_f32
-      task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
-      cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm")
-      def run(strategy):
-        # Adam's epsilon 1: its update is then close to linear in the meta-gradient. With
-        # 1e-8, g / sqrt(v) turns a rounding difference of an entry near zero into a
-        # difference of a whole step (lr), which no tolerance on rounding can describe.
-        l = learner.MetaLearner(strategy, cfg, maml.MetaConfig(2, 0.05, loss="mse"),
-                                optim.AdamConfig(1e-2, epsilon=1.0), seed=0, meta_batch_size=8,
-                                eval_inner_steps=2, jit_compile=False)
-        means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
-        # 12 evaluation episodes in batches of 8: the last batch is padded, then masked.
-        losses, metrics = l.evaluate(task.eval_data(strategy, "val", 12))
-        return ({k: float(v) for k, v in means.items()},
-                {k: v.numpy() for k, v in l.params.items()}, losses, metrics)
-      m1, p1, l1, e1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
-      m2, p2, l2, e2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-      # The replicas' sums run in another order (tests/numerics.py): sums of up to 32 terms
-      # (the hidden width), through 3 meta-steps of 3 forward and backward passes each.
-      close = functools.partial(assert_close_f32, reduction_length=32, stages=3 * 3 * 2)
-      for k in m1:
-        close(m2[k], m1[k], err_msg=k)
-      for k in p1:
-        close(p2[k], p1[k], err_msg=k)
-      assert e1.shape == (3, 12) and l1.shape == (3, 12)
-      close(e2, e1, err_msg="metrics")
-      close(l2, l1, err_msg="losses")
-      assert any(np.abs(p1[k] - models.init_params(cfg, 0)[k]).max() > 1e-4 for k in p1)
-      print("OK")
-  """)
-  result = run_script(script)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  from trainer import learner, maml, models, optim, tasks
+  task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
+  cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(32, 32), norm="batch_norm")
+
+  def run(strategy):
+    # Adam's epsilon 1: its update is then close to linear in the meta-gradient. With 1e-8,
+    # g / sqrt(v) turns a rounding difference of an entry near zero into a difference of a
+    # whole step (lr), which no tolerance on rounding can describe.
+    l = learner.MetaLearner(strategy, cfg, maml.MetaConfig(2, 0.05, loss="mse"),
+                            optim.AdamConfig(1e-2, epsilon=1.0), seed=0, meta_batch_size=8,
+                            eval_inner_steps=2, jit_compile=False)
+    means = l.train_loop(task.train_data(strategy, 0), tf.constant(3))
+    # 12 evaluation episodes in batches of 8: the last batch is padded, then masked.
+    losses, metrics = l.evaluate(task.eval_data(strategy, "val", 12))
+    return ({k: float(v) for k, v in means.items()},
+            {k: v.numpy() for k, v in l.params.items()}, losses, metrics)
+
+  m1, p1, l1, e1 = run(tf.distribute.OneDeviceStrategy(TWO_CPUS[0]))
+  m2, p2, l2, e2 = run(mirrored_over_two_cpus())
+  # The replicas' sums run in another order (tests/numerics.py): sums of up to 32 terms (the
+  # hidden width), through 3 meta-steps of 3 forward and backward passes each.
+  close = functools.partial(assert_close_f32, reduction_length=32, stages=3 * 3 * 2)
+  for k in m1:
+    close(m2[k], m1[k], err_msg=k)
+  for k in p1:
+    close(p2[k], p1[k], err_msg=k)
+  assert e1.shape == (3, 12) and l1.shape == (3, 12)
+  close(e2, e1, err_msg="metrics")
+  close(l2, l1, err_msg="losses")
+  assert any(np.abs(p1[k] - models.init_params(cfg, 0)[k]).max() > 1e-4 for k in p1)
 
 
 def test_meta_sgd_rates_are_learned_checkpointed_and_used_in_evaluation(tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import TWO_CPUS, mirrored_over_two_cpus
 from numerics import assert_close_f32
 from test_maml import as_tensors, classification_batch, directional_fd, regression_batch
 from trainer import maml, models, optim
@@ -352,49 +354,36 @@ def test_derivative_order_annealing_switches_at_the_given_iteration():
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_mamlpp_step_under_mirrored_equals_one_device():
-  import textwrap
-  from helpers import run_script
-  script = textwrap.dedent("""
-      import functools, sys
-      import numpy as np, tensorflow as tf
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      sys.path.insert(0, "tests")
-      from numerics import assert_close_f32
-      from pipeline import streams
-      from trainer import learner, maml, models, optim, tasks
-      from trainer.family import TrainData
-      task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
-      cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(16, 16), param_slots=3, stat_slots=3)
-      meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True, msl_iterations=5,
-                             inner_adapt="no_norm", first_order_iterations=1)
-      def run(strategy):
-        # Adam's epsilon 1: see test_mirrored_over_two_devices_equals_one_device.
-        l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2, epsilon=1.0,
-                                schedule="cosine", decay_steps=10), seed=0, meta_batch_size=8,
-                                eval_inner_steps=2,
-                                jit_compile=False, eval_running_stats=True)
-        ds = strategy.distribute_datasets_from_function(
-            lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0))
-        l.train_loop(TrainData(batches=iter(ds)), tf.constant(3))
-        state = dict(l.params, **{"lr/" + k: v for k, v in l.inner_lrs.items()},
-                     **{"stats/" + k: v for k, v in l.stats.items()})
-        ev = strategy.distribute_datasets_from_function(
-            lambda ctx: task.eval_dataset("val", 16, streams.Sharding.from_input_context(ctx)))
-        return {k: v.numpy() for k, v in state.items()}, l.evaluate(ev)[0]
-      p1, e1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
-      p2, e2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-      # The replicas' sums run in another order (tests/numerics.py): sums of up to 16 terms
-      # (the hidden width), through 3 meta-steps of 3 forward and backward passes each.
-      close = functools.partial(assert_close_f32, reduction_length=16, stages=3 * 3 * 2)
-      for k in p1:
-        close(p2[k], p1[k], err_msg=k)
-      close(e2, e1, err_msg="losses")
-      assert np.abs(p1["stats/dense0/mean"]).max() > 0
-      print("OK")
-  """)
-  result = run_script(script)
-  assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+  from pipeline import streams
+  from trainer import learner, tasks
+  task = tasks.SinusoidRegression(5, 5, 5, 8, 8, seed=0)
+  cfg = models.ModelConfig("mlp", (1,), 1, hidden_sizes=(16, 16), param_slots=3, stat_slots=3)
+  meta = maml.MetaConfig(2, 0.05, loss="mse", per_step_inner_lr=True, msl_iterations=5,
+                         inner_adapt="no_norm", first_order_iterations=1)
+
+  def run(strategy):
+    # Adam's epsilon 1: see test_mirrored_over_two_devices_equals_one_device.
+    l = learner.MetaLearner(strategy, cfg, meta, optim.AdamConfig(1e-2, epsilon=1.0,
+                            schedule="cosine", decay_steps=10), seed=0, meta_batch_size=8,
+                            eval_inner_steps=2, jit_compile=False, eval_running_stats=True)
+    ds = strategy.distribute_datasets_from_function(
+        lambda ctx: task.train_dataset(streams.Sharding.from_input_context(ctx), 0))
+    l.train_loop(TrainData(batches=iter(ds)), tf.constant(3))
+    state = dict(l.params, **{"lr/" + k: v for k, v in l.inner_lrs.items()},
+                 **{"stats/" + k: v for k, v in l.stats.items()})
+    ev = strategy.distribute_datasets_from_function(
+        lambda ctx: task.eval_dataset("val", 16, streams.Sharding.from_input_context(ctx)))
+    return {k: v.numpy() for k, v in state.items()}, l.evaluate(ev)[0]
+
+  p1, e1 = run(tf.distribute.OneDeviceStrategy(TWO_CPUS[0]))
+  p2, e2 = run(mirrored_over_two_cpus())
+  # The replicas' sums run in another order (tests/numerics.py): sums of up to 16 terms (the
+  # hidden width), through 3 meta-steps of 3 forward and backward passes each.
+  close = functools.partial(assert_close_f32, reduction_length=16, stages=3 * 3 * 2)
+  for k in p1:
+    close(p2[k], p1[k], err_msg=k)
+  close(e2, e1, err_msg="losses")
+  assert np.abs(p1["stats/dense0/mean"]).max() > 0
 
 
 def test_anil_features_computed_once_give_the_same_meta_gradient(monkeypatch):

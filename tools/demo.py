@@ -6,8 +6,10 @@ Idempotent: a second run reuses data/records/omniglot when its manifest is compl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is imported)
@@ -34,12 +36,33 @@ def find_omniglot() -> str:
         f"{paths.ENV_VAR} at a folder whose omniglot/ subfolder holds them. ({e})")
 
 
+@contextlib.contextmanager
+def stderr_kept_back():
+  """Beam's start-up lines (its workers' "Logging handler created", the missing GCP client
+  libraries) kept off the terminal; replayed if the build fails, so nothing is lost."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile("w+") as kept:
+    os.dup2(kept.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      kept.seek(0)
+      sys.stderr.write(kept.read())
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def main() -> int:
   if not (RECORDS / "manifest.json").is_file():
     source = find_omniglot()
     start = time.time()
     print(f"Building Omniglot records from {source} into {RECORDS} ...", flush=True)
-    datasets.build_dataset("omniglot", source=source, output=RECORDS)
+    with stderr_kept_back():
+      datasets.build_dataset("omniglot", source=source, output=RECORDS)
     print(f"  built in {time.time() - start:.1f} s", flush=True)
   manifest = episodes.read_manifest(RECORDS)
   for split, info in manifest["splits"].items():

@@ -106,14 +106,21 @@ def reference_forward(cfg, p, x):
   return h @ p["out/kernel"] + p["out/bias"]
 
 
-def reference_meta_gradient(cfg, params, batch, steps, lr, first_order=False):
+def reference_meta_gradient(cfg, params, batch, steps, lr, first_order=False, step_weights=None):
+  """The meta-gradient task by task. ``lr``: one rate, or per-step rates per parameter (MAML++'s
+  LSLR: ``{name: [steps]}``, whose gradients are returned too as ``lr/<name>``);
+  ``step_weights``: the query loss after each step weighted (MAML++'s MSL), else the last's."""
   tasks = batch["support_x"].shape[0]
-  total = {k: tf.zeros_like(v) for k, v in params.items()}
+  rates = lr if isinstance(lr, dict) else {}
+  watched = {**params, **{f"lr/{k}": v for k, v in rates.items()}}
+  weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
+  total = {k: tf.zeros_like(v) for k, v in watched.items()}
   for b in range(tasks):
     with tf.GradientTape() as outer:
-      outer.watch(params)
+      outer.watch(watched)
       fast = dict(params)
-      for _ in range(steps):
+      query = 0.0
+      for step in range(steps):
         with tf.GradientTape() as inner:
           inner.watch(fast)
           loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -121,11 +128,12 @@ def reference_meta_gradient(cfg, params, batch, steps, lr, first_order=False):
         g = inner.gradient(loss, fast)
         if first_order:
           g = {k: tf.stop_gradient(v) for k, v in g.items()}
-        fast = {k: fast[k] - lr * g[k] for k in fast}
-      query = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          batch["query_y"][b], reference_forward(cfg, fast, batch["query_x"][b])))
-    g = outer.gradient(query, params)
-    total = {k: total[k] + g[k] / tasks for k in params}
+        fast = {k: fast[k] - (rates[k][step] if rates else lr) * g[k] for k in fast}
+        if weights[step]:
+          query += weights[step] * tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+              batch["query_y"][b], reference_forward(cfg, fast, batch["query_x"][b])))
+    g = outer.gradient(query, watched)
+    total = {k: total[k] + g[k] / tasks for k in watched}
   return total
 
 

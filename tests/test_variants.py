@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from helpers import TWO_CPUS, mirrored_over_two_cpus
 from numerics import assert_close_f32
-from test_maml import as_tensors, classification_batch, directional_fd, regression_batch
+from test_maml import (as_tensors, classification_batch, directional_fd, reference_meta_gradient,
+                       regression_batch)
 from trainer import maml, models, optim
 from trainer.family import TrainData
 
@@ -111,6 +112,31 @@ def test_per_step_rates_all_equal_reproduce_plain_maml():
   g_lslr, _ = maml.meta_gradients(cfg, lslr, params, lrs, batch, 3)
   grads_close(g_plain, g_lslr, params)
   assert all(float(tf.reduce_sum(tf.abs(g_lslr[f"lr/{k}"]))) > 0 for k in params)
+
+
+def test_per_step_rates_and_multi_step_loss_equal_an_independent_reference():
+  """LSLR rates that differ by layer and step, and MSL weights mid-anneal, against the eager
+  per-task reference of test_maml (plain convolutions, unfused batch norm, written from the
+  papers): the weights' and the rates' meta-gradients."""
+  cfg = models.ModelConfig("conv4", (20, 20, 1), 3, num_filters=8, downsample="maxpool",
+                           features="flatten")
+  meta = maml.MetaConfig(3, 0.1, per_step_inner_lr=True, msl_iterations=10)
+  params = as_tensors(models.init_params(cfg, 5))
+  rng = np.random.default_rng(1)
+  lrs = {k: tf.constant(rng.uniform(0.02, 0.2, s), tf.float32)
+         for k, s in maml.learned_rate_shapes(meta, params).items()}
+  batch = classification_batch(cfg, tasks=3)
+  iteration = tf.constant(4, tf.int64)
+  weights = maml.msl_weights(meta, iteration).numpy()
+  assert 0 < weights[0] < weights[-1] < 1  # mid-anneal: every step's loss counts
+  grads, _ = tf.function(lambda: maml.meta_gradients(cfg, meta, params, lrs, batch, 3,
+                                                     iteration=iteration))()
+  expected = reference_meta_gradient(cfg, params, batch, 3, lrs, step_weights=weights)
+  assert set(grads) == set(expected) and any(k.startswith("lr/") for k in expected)
+  for k in expected:  # the tolerance of test_compiled_batched_step_equals_eager_per_task_reference
+    scale = float(tf.reduce_max(tf.abs(expected[k]))) + 1e-6
+    np.testing.assert_allclose(grads[k].numpy() / scale, expected[k].numpy() / scale, atol=2e-4,
+                               err_msg=k)
 
 
 def test_per_step_rates_use_their_own_step():

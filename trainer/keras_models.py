@@ -1,0 +1,141 @@
+"""A user's Keras model as a function of explicit parameters, with a task axis.
+
+MAML differentiates through an inner update of the weights, so the network must run on weights
+passed in as tensors rather than on its variables. Keras 3's ``model.stateless_call(trainable,
+non_trainable, x, training=True)`` does exactly that for any Keras model; ``tf.vectorized_map``
+over the task axis then runs a meta-batch of tasks, each with its own adapted weights, as the
+built-in models' batched layout does (``trainer.models``). Batch norm layers run with
+``training=True``: each task's current batch statistics, as the built-in models' inner loop
+uses; the moving averages they return are dropped. Keras's TensorFlow backend computes those
+statistics with ``tf.nn.moments``, which stops the gradient through the mean inside the
+variance: right to first order, wrong for MAML's second-order meta-gradient (off by half the
+gradient's size in conv4's first layer). The forward pass therefore runs with that one function
+replaced by the exact moments (:func:`exact_batch_moments`).
+
+A model is named by ``PATH_OR_MODULE:FUNCTION``: ``FUNCTION(input_shape, n_way)`` returns a
+``keras.Model`` from images ``[n, H, W, C]`` in [0, 1] to logits ``[n, n_way]``, and is found in a
+``.py`` file or an importable module. A model that cannot be meta-trained is refused here, in
+one line naming the function, shape or layer at fault.
+
+This module is the adapter only; ``--model=keras:...`` is not yet wired to the trainer's flags,
+checkpoints and export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import UsageError
+
+
+def load_builder(spec: str) -> Callable:
+  """``PATH_OR_MODULE:FUNCTION`` -> the function (``path/to/file.py:make`` or ``pkg.mod:make``)."""
+  source, sep, name = spec.rpartition(":")
+  if not sep or not source or not name:
+    raise UsageError(f"--model=keras:{spec}: expected PATH_OR_MODULE:FUNCTION, e.g. "
+                     f"keras:my_nets.py:make_model")
+  if source.endswith(".py"):
+    path = Path(source)
+    if not path.is_file():
+      raise UsageError(f"--model=keras:{spec}: no file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    try:
+      module = importlib.import_module(source)
+    except ImportError as e:
+      raise UsageError(f"--model=keras:{spec}: cannot import {source} ({e})") from e
+  builder = getattr(module, name, None)
+  if not callable(builder):
+    raise UsageError(f"--model=keras:{spec}: {source} has no function {name}")
+  return builder
+
+
+@contextlib.contextmanager
+def exact_batch_moments():
+  """Keras's batch statistics differentiable to second order while tracing a forward pass.
+
+  Keras 3.x's TensorFlow backend routes ``keras.ops.moments`` (batch norm's statistics)
+  through ``keras.src.backend.tensorflow.nn._compute_moments``, i.e. ``tf.nn.moments``; this
+  replaces it with the same mean and variance without the stopped gradient (as
+  ``trainer.models._moments``). A Keras without that function is refused rather than run
+  with wrong second derivatives.
+  """
+  from keras.src.backend.tensorflow import nn as backend_nn  # pylint: disable=import-outside-toplevel
+  original = getattr(backend_nn, "_compute_moments", None)
+  if original is None:
+    import keras  # pylint: disable=import-outside-toplevel
+    raise UsageError(f"keras {keras.__version__}: its batch statistics are no longer computed "
+                     f"where trainer/keras_models.py makes them second-order exact")
+
+  def moments(x, axes, keepdims):
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    if not keepdims:
+      mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+  backend_nn._compute_moments = moments  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    backend_nn._compute_moments = original  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasBackbone:
+  """A built Keras model with the order of its trainable weights fixed by name (``path``)."""
+  model: object  # keras.Model
+  names: tuple[str, ...]
+
+  def init_params(self) -> dict[str, np.ndarray]:
+    """The model's own initial trainable weights, by name."""
+    return {name: np.asarray(v.numpy(), np.float32)
+            for name, v in zip(self.names, self.model.trainable_variables)}
+
+  def apply(self, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """Logits ``[B, n, n_way]`` for inputs ``[B, n, H, W, C]`` and weights ``[B, ...]`` by name."""
+    fixed = [v.value for v in self.model.non_trainable_variables]
+
+    def one_task(args):
+      weights, images = args
+      logits, _ = self.model.stateless_call(list(weights), fixed, images, training=True)
+      return logits
+
+    with exact_batch_moments():
+      return tf.vectorized_map(one_task, ([params[k] for k in self.names], x))
+
+
+def build(spec: str, input_shape: tuple[int, ...], n_way: int) -> KerasBackbone:
+  """Builds the user's model and refuses, in one line, one that cannot be meta-trained."""
+  import keras  # pylint: disable=import-outside-toplevel
+  model = load_builder(spec)(tuple(input_shape), n_way)
+  if not isinstance(model, keras.Model):
+    raise UsageError(f"--model=keras:{spec}: returned {type(model).__name__}, not a keras.Model")
+  names = tuple(v.path for v in model.trainable_variables)
+  if not names:
+    raise UsageError(f"--model=keras:{spec}: the model has no trainable weights")
+  if len(set(names)) != len(names):
+    raise UsageError(f"--model=keras:{spec}: two trainable weights share a name; give the "
+                     f"layers unique names")
+  out = model(np.zeros((2, *input_shape), np.float32), training=False)
+  if tuple(out.shape) != (2, n_way):
+    raise UsageError(f"--model=keras:{spec}: outputs {tuple(out.shape)} for 2 images of "
+                     f"{tuple(input_shape)}; expected (2, {n_way}) logits")
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(model(np.ones((2, *input_shape), np.float32), training=True))
+  grads = tape.gradient(loss, model.trainable_variables)
+  for name, g in zip(names, grads):
+    if g is None:
+      raise UsageError(f"--model=keras:{spec}: weight {name} gets no gradient from the "
+                       f"logits (a layer not on the path to the output?)")
+  return KerasBackbone(model, names)

@@ -1,5 +1,5 @@
-"""What tests share besides fixtures: the trainer as a subprocess, its one error line, scripts
-in a fresh interpreter, free ports, the real datasets' location, and tiny datasets written on
+"""What tests share besides fixtures: the trainer as a subprocess, its one error line, the one
+MirroredStrategy over two logical CPUs, free ports, the real datasets' location, and tiny datasets written on
 the fly (``from helpers import ...``; the fixtures that use them are in ``conftest.py``)."""
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 # The logical CPU devices conftest.py makes of the one physical CPU (strategy tests).
 TWO_CPUS = ("/cpu:0", "/cpu:1")
 
+SINUSOID = ("--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
+            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
+            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
+            "--eval_episodes=20")
+
 
 @functools.cache
 def mirrored_over_two_cpus():
@@ -35,11 +40,6 @@ def mirrored_over_two_cpus():
   whose keys collide with the first's ("Shape mismatch in the collective instance")."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return tf.distribute.MirroredStrategy(TWO_CPUS)
-# A sinusoid run small enough for end-to-end trainer tests (seconds per hundred steps).
-SINUSOID = ("--dataset=sinusoid", "--model=mlp", "--norm=none", "--k_shot=5", "--k_query=5",
-            "--eval_k_query=20", "--meta_batch_size=10", "--inner_lr=0.01",
-            "--eval_inner_steps=3", "--log_every=10", "--eval_every=0", "--val_episodes=20",
-            "--eval_episodes=20")
 
 
 def trainer(*args, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import UsageError
+from trainer import models
 
 
 def load_builder(spec: str) -> Callable:
@@ -66,9 +67,8 @@ def exact_batch_moments():
 
   Keras 3.x's TensorFlow backend routes ``keras.ops.moments`` (batch norm's statistics)
   through ``keras.src.backend.tensorflow.nn._compute_moments``, i.e. ``tf.nn.moments``; this
-  replaces it with the same mean and variance without the stopped gradient (as
-  ``trainer.models._moments``). A Keras without that function is refused rather than run
-  with wrong second derivatives.
+  replaces it with :func:`trainer.models.exact_moments`, the built-in models' own. A Keras
+  without that function is refused rather than run with wrong second derivatives.
   """
   from keras.src.backend.tensorflow import nn as backend_nn  # pylint: disable=import-outside-toplevel
   original = getattr(backend_nn, "_compute_moments", None)
@@ -78,8 +78,7 @@ def exact_batch_moments():
                      f"where trainer/keras_models.py makes them second-order exact")
 
   def moments(x, axes, keepdims):
-    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    mean, variance = models.exact_moments(x, axes)
     if not keepdims:
       mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
     return mean, variance

@@ -133,7 +133,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
   return params
 
 
-def _moments(x: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
+def exact_moments(x: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
   """Mean and variance, differentiable to second order.
 
   ``tf.nn.moments`` stops the gradient through the mean inside the variance: harmless for
@@ -194,7 +194,7 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str, groups
     return y
   if cfg.norm == "batch_norm":
     axes = list(range(h.shape.rank - 1))
-    mean, var = _moments(h, axes)
+    mean, var = exact_moments(h, axes)
     ctx.record(prefix, tf.reshape(mean, [-1]), tf.reshape(var, [-1]), groups)
     h = (h - mean) * tf.math.rsqrt(var + EPSILON)
   else:
@@ -202,7 +202,7 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str, groups
     split = tf.concat([shape[:-1], [groups, -1]], axis=0)
     g = tf.reshape(h, split)  # [..., B, C]
     axes = list(range(1, h.shape.rank - 1)) + [h.shape.rank]
-    mean, var = _moments(g, axes)
+    mean, var = exact_moments(g, axes)
     h = tf.reshape((g - mean) * tf.math.rsqrt(var + EPSILON), shape)
   return h * scale + offset
 

@@ -369,8 +369,13 @@ def test_derivative_order_annealing_switches_at_the_given_iteration():
     one = {k: v.numpy() for k, v in l.params.items()}
     l.train_loop(it, tf.constant(1))
     runs[name] = one, {k: v.numpy() for k, v in l.params.items()}
+  # Step 1 of the annealed run is first order. The two learners trace different graphs (the
+  # annealed one holds both orders), which grappler may fuse otherwise, so they agree to
+  # float32 rounding (tests/numerics.py: 16-wide sums, 2 inner steps, one Adam step), not bit
+  # for bit (seen to differ under a loaded machine); second order differs by O(1e-2) or more.
   for k in runs["fo"][0]:
-    np.testing.assert_array_equal(runs["doa"][0][k], runs["fo"][0][k], err_msg=k)
+    assert_close_f32(runs["doa"][0][k], runs["fo"][0][k], reduction_length=16, stages=3,
+                     err_msg=k)
   assert any(not np.allclose(runs["doa"][1][k], runs["fo"][1][k], rtol=1e-6, atol=1e-8)
              for k in runs["fo"][1])
   assert any(not np.allclose(runs["doa"][0][k], runs["so"][0][k], rtol=1e-6, atol=1e-8)

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from pipeline.errors import UsageError
 from test_maml import classification_batch
-from trainer import keras_models, models
+from trainer import keras_models, maml, models
 
 CONV4_KERAS = textwrap.dedent("""
     import keras
@@ -46,20 +46,19 @@ def user_file(tmp_path):
   return path
 
 
-def builtin_names(i: int, kind: str) -> str:
-  return {"kernel": f"conv{i}/kernel", "gamma": f"conv{i}/scale", "beta": f"conv{i}/offset"}[kind]
+def builtin_name_of(backbone) -> dict:
+  """Keras conv4's positional names -> the built-in conv4's (conv i is layer 2i, its batch norm
+  2i + 1, the head out/)."""
+  names = {}
+  for name in backbone.names:
+    layer, kind = name.split("/")
+    names[name] = name if layer == "out" else f"conv{int(layer.split('_')[0]) // 2}/{kind}"
+  return names
 
 
 def as_keras(backbone, params: dict) -> dict:
-  """The built-in conv4's weights under the Keras model's names."""
-  out = {}
-  for name in backbone.names:
-    layer, kind = name.split("/")
-    if layer == "head":
-      out[name] = params[f"out/{kind}"]
-    else:
-      out[name] = params[builtin_names(int(layer[-1]), kind)]
-  return out
+  """The built-in conv4's weights (or gradients) under the Keras conv4's names."""
+  return {k: params[b] for k, b in builtin_name_of(backbone).items()}
 
 
 def one_step_meta_gradient(apply_fn, params, batch, lr=0.4):
@@ -107,7 +106,65 @@ def test_initial_weights_are_the_models_own(user_file):
   backbone = keras_models.build(f"{user_file}:conv4", (28, 28, 1), 5)
   params = backbone.init_params()
   assert list(params) == list(backbone.names)
-  assert params["head/kernel"].shape == (8, 5) and np.abs(params["head/kernel"]).max() > 0
+  assert params["out/kernel"].shape == (8, 5) and np.abs(params["out/kernel"]).max() > 0
+  assert list(params)[:3] == ["00_conv2d/kernel", "01_batch_normalization/scale",
+                              "01_batch_normalization/offset"]
+
+
+def test_weight_names_and_initial_values_do_not_depend_on_earlier_builds(user_file):
+  """Keras numbers automatic layer names by the layers built before; checkpoints need names
+  that are the same in every process, and initial weights that depend on the seed alone."""
+  spec = f"{user_file}:conv4"
+  first = keras_models.init_params(spec, (28, 28, 1), 5, seed=3)
+  keras_models.build(spec, (28, 28, 1), 5)  # more layers built in this process
+  again = keras_models.init_params(spec, (28, 28, 1), 5, seed=3)
+  other = keras_models.init_params(spec, (28, 28, 1), 5, seed=4)
+  assert list(first) == list(again)
+  for k in first:
+    np.testing.assert_array_equal(first[k], again[k])
+  assert not np.array_equal(first["00_conv2d/kernel"], other["00_conv2d/kernel"])
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=2, inner_lr=0.3),
+    dict(inner_steps=2, per_step_inner_lr=True, msl_iterations=10),
+    dict(inner_steps=2, inner_adapt="head"),
+    dict(inner_steps=1, inner_adapt="no_norm", learn_inner_lr=True),
+], ids=["maml", "lslr_msl", "anil", "metasgd_no_norm"])
+def test_the_learner_meta_trains_a_keras_model_as_the_builtin_one(user_file, options):
+  """trainer.maml's meta-gradient for model kind keras (the Keras conv4) equals the one for the
+  built-in conv4 with the same weights, rates and options: the learner treats both alike
+  (ANIL's head is the layer named head; no_norm finds the batch norms' scale and offset)."""
+  meta = maml.MetaConfig(**options)
+  builtin_cfg = models.ModelConfig("conv4", (28, 28, 1), 3, num_filters=8)
+  keras_cfg = models.ModelConfig("keras", (28, 28, 1), 3, keras=f"{user_file}:conv4")
+  keras_init = models.init_params(keras_cfg, 0)
+  backbone = keras_models.backbone(keras_cfg.keras, keras_cfg.input_shape, 3)
+  builtin = {k: tf.constant(v) for k, v in models.init_params(builtin_cfg, 1).items()}
+  params = as_keras(backbone, builtin)
+  assert sorted(params) == sorted(keras_init)
+  to_builtin = builtin_name_of(backbone)
+  shapes = maml.learned_rate_shapes(meta, builtin)
+  # Distinct rates per weight, the same weight's under both names.
+  lrs_builtin = {k: tf.constant(np.full(shape, 0.3 + 0.05 * i, np.float32))
+                 for i, (k, shape) in enumerate(sorted(shapes.items()))} or None
+  lrs_keras = {k: lrs_builtin[to_builtin[k]] for k in params
+               if to_builtin[k] in shapes} if lrs_builtin else None
+  batch = classification_batch(builtin_cfg, tasks=2)
+  grads = lambda cfg, p, lrs: maml.meta_gradients(cfg, meta, p, lrs, batch, 2,
+                                                  iteration=tf.constant(3))[0]
+  g_builtin = grads(builtin_cfg, builtin, lrs_builtin)
+  g_keras = grads(keras_cfg, params, lrs_keras)
+  assert sorted(g_keras) == sorted(list(params) + [f"lr/{k}" for k in lrs_keras or {}])
+  for k in lrs_keras or {}:
+    g_builtin[f"lr/{k}"] = g_builtin[f"lr/{to_builtin[k]}"]
+  expected = dict(as_keras(backbone, g_builtin),
+                  **{f"lr/{k}": g_builtin[f"lr/{k}"] for k in lrs_keras or {}})
+  for name in expected:
+    scale = float(tf.reduce_max(tf.abs(expected[name]))) + 1e-6
+    assert scale > 1e-5, name
+    np.testing.assert_allclose(g_keras[name].numpy() / scale, expected[name].numpy() / scale,
+                               atol=2e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("spec, message", [

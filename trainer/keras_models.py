@@ -17,15 +17,24 @@ A model is named by ``PATH_OR_MODULE:FUNCTION``: ``FUNCTION(input_shape, n_way)`
 ``.py`` file or an importable module. A model that cannot be meta-trained is refused here, in
 one line naming the function, shape or layer at fault.
 
-This module is the adapter only; ``--model=keras:...`` is not yet wired to the trainer's flags,
-checkpoints and export.
+Weights are named by position, not by Keras's automatic layer names (which count the layers
+built earlier in the process, so a second build of the same model would not find its
+checkpoint): ``<index>_<layer class>/<weight>``, e.g. ``00_conv2d/kernel``, with batch and layer
+norms' ``gamma``/``beta`` as ``scale``/``offset`` (so ``--inner_adapt=no_norm`` finds them) and the
+head, the layer named ``head`` or else the last layer with weights, as ``out/kernel``,
+``out/bias`` (so ``--inner_adapt=head``, ANIL, adapts it). ``--model=keras:SPEC`` reaches here
+through :class:`trainer.models.ModelConfig` (kind ``keras``): the learner, checkpoints,
+evaluation and export call :func:`trainer.models.apply` as for the built-in models.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
+import random
+import re
 import importlib.util
 from pathlib import Path
 from typing import Callable
@@ -37,6 +46,7 @@ from pipeline.errors import UsageError
 from trainer import models
 
 
+@functools.cache
 def load_builder(spec: str) -> Callable:
   """``PATH_OR_MODULE:FUNCTION`` -> the function (``path/to/file.py:make`` or ``pkg.mod:make``)."""
   source, sep, name = spec.rpartition(":")
@@ -95,6 +105,10 @@ class KerasBackbone:
   """A built Keras model with the order of its trainable weights fixed by name (``path``)."""
   model: object  # keras.Model
   names: tuple[str, ...]
+  # Its non-trainable weights' values, fed as constants: only batch norm's moving statistics
+  # are non-trainable here (build() refuses anything else), and training=True never reads
+  # them. Captured variables would also tie an exported graph to this Python object.
+  fixed: tuple[np.ndarray, ...] = ()
 
   def init_params(self) -> dict[str, np.ndarray]:
     """The model's own initial trainable weights, by name."""
@@ -103,7 +117,7 @@ class KerasBackbone:
 
   def apply(self, params: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
     """Logits ``[B, n, n_way]`` for inputs ``[B, n, H, W, C]`` and weights ``[B, ...]`` by name."""
-    fixed = [v.value for v in self.model.non_trainable_variables]
+    fixed = [tf.constant(v) for v in self.fixed]
 
     def one_task(args):
       weights, images = args
@@ -114,18 +128,91 @@ class KerasBackbone:
       return tf.vectorized_map(one_task, ([params[k] for k in self.names], x))
 
 
+def _snake(name: str) -> str:
+  return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
+
+
+NORM_RENAMES = {"gamma": "scale", "beta": "offset"}
+
+
+def weight_names(model) -> tuple[str, ...]:
+  """Positional names of ``model.trainable_variables``, in their order (module docstring)."""
+  owner = {}
+  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+    for w in layer.trainable_weights:
+      owner[id(w)] = layer  # parents come first: the innermost layer that holds it wins
+  layers = []
+  for v in model.trainable_variables:
+    if owner[id(v)] not in layers:
+      layers.append(owner[id(v)])
+  named_head = [layer for layer in layers if layer.name == "head"]
+  head = named_head[0] if named_head else layers[-1]
+  names = []
+  for v in model.trainable_variables:
+    layer = owner[id(v)]
+    short = v.name.split("/")[-1]
+    if layer is head:
+      names.append(f"out/{short}")
+    else:
+      names.append(f"{layers.index(layer):02d}_{_snake(type(layer).__name__)}/"
+                   f"{NORM_RENAMES.get(short, short)}")
+  return tuple(names)
+
+
+def _seeded_build(builder: Callable, input_shape: tuple, n_way: int, seed: int):
+  """The user's model with initial weights that depend on ``seed`` alone.
+
+  Keras's initialisers draw from its global seed; Python's and NumPy's global generators,
+  which ``keras.utils.set_random_seed`` also reseeds, are restored afterwards.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  py_state, np_state = random.getstate(), np.random.get_state()
+  try:
+    keras.utils.set_random_seed(seed)
+    return builder(tuple(input_shape), n_way)
+  finally:
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+def init_params(spec: str, input_shape: tuple, n_way: int, seed: int) -> dict[str, np.ndarray]:
+  """The model's own initial weights for ``seed``, by positional name (the model checked)."""
+  backbone(spec, tuple(input_shape), n_way)
+  model = _seeded_build(load_builder(spec), input_shape, n_way, seed)
+  return {name: np.asarray(v.numpy(), np.float32)
+          for name, v in zip(weight_names(model), model.trainable_variables)}
+
+
+@functools.cache
+def backbone(spec: str, input_shape: tuple, n_way: int) -> "KerasBackbone":
+  """One checked model per spec and shape, for its structure: weights come in as tensors.
+
+  First asked for eagerly (:func:`init_params` does, before any step is traced): its checks
+  differentiate the model, which a tape cannot do from inside a trace.
+  """
+  if not tf.executing_eagerly():
+    raise RuntimeError("keras_models.backbone: build it eagerly first (init_params does)")
+  return build(spec, input_shape, n_way)
+
+
 def build(spec: str, input_shape: tuple[int, ...], n_way: int) -> KerasBackbone:
   """Builds the user's model and refuses, in one line, one that cannot be meta-trained."""
   import keras  # pylint: disable=import-outside-toplevel
-  model = load_builder(spec)(tuple(input_shape), n_way)
+  model = _seeded_build(load_builder(spec), input_shape, n_way, 0)
   if not isinstance(model, keras.Model):
     raise UsageError(f"--model=keras:{spec}: returned {type(model).__name__}, not a keras.Model")
-  names = tuple(v.path for v in model.trainable_variables)
-  if not names:
+  if not model.trainable_variables:
     raise UsageError(f"--model=keras:{spec}: the model has no trainable weights")
-  if len(set(names)) != len(names):
-    raise UsageError(f"--model=keras:{spec}: two trainable weights share a name; give the "
-                     f"layers unique names")
+  names = weight_names(model)
+  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+    if getattr(layer, "seed_generator", None) is not None:
+      raise UsageError(f"--model=keras:{spec}: layer {layer.name} ({type(layer).__name__}) "
+                       f"draws random numbers in training, which the meta-step cannot "
+                       f"replay per task (nor XLA compile); remove it")
+  for v in model.non_trainable_variables:
+    if not v.name.startswith("moving_"):
+      raise UsageError(f"--model=keras:{spec}: non-trainable weight {v.path}: frozen weights "
+                       f"are not supported yet (make the layer trainable)")
   out = model(np.zeros((2, *input_shape), np.float32), training=False)
   if tuple(out.shape) != (2, n_way):
     raise UsageError(f"--model=keras:{spec}: outputs {tuple(out.shape)} for 2 images of "
@@ -137,4 +224,5 @@ def build(spec: str, input_shape: tuple[int, ...], n_way: int) -> KerasBackbone:
     if g is None:
       raise UsageError(f"--model=keras:{spec}: weight {name} gets no gradient from the "
                        f"logits (a layer not on the path to the output?)")
-  return KerasBackbone(model, names)
+  return KerasBackbone(model, names,
+                       tuple(np.asarray(v.numpy()) for v in model.non_trainable_variables))

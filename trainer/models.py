@@ -21,13 +21,15 @@ import tensorflow as tf
 from absl import logging
 
 NORMS = ("batch_norm", "layer_norm", "none")
+KINDS = ("conv4", "mlp", "keras")
 EPSILON = 1e-3  # tf.contrib.layers.batch_norm's default, as in the original MAML code
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """``conv4``: 4 x [3x3 conv, norm, ReLU, 2x2 down-sampling] + linear; ``mlp``: dense layers."""
-  kind: str  # "conv4" or "mlp"
+  """``conv4``: 4 x [3x3 conv, norm, ReLU, 2x2 down-sampling] + linear; ``mlp``: dense layers;
+  ``keras``: a user's Keras model (:mod:`trainer.keras_models`), named by ``keras``."""
+  kind: str  # "conv4", "mlp" or "keras"
   input_shape: tuple[int, ...]  # per example: (H, W, C) for images, (d,) for vectors
   num_outputs: int
   num_filters: int = 64
@@ -47,10 +49,18 @@ class ModelConfig:
   # (the paper's transductive setting); n > 0 = n per-step sets tracked in training and used in
   # evaluation, so a prediction does not depend on the other query examples.
   stat_slots: int = 0
+  # kind "keras": PATH_OR_MODULE:FUNCTION of the model builder; its own layers decide the rest
+  # (the norm fields above do not apply).
+  keras: str = ""
 
   def __post_init__(self):
-    if self.kind not in ("conv4", "mlp"):
-      raise ValueError(f"model={self.kind!r}: must be conv4 or mlp")
+    if self.kind not in KINDS:
+      raise ValueError(f"model={self.kind!r}: must be one of {KINDS}")
+    if (self.kind == "keras") != bool(self.keras):
+      raise ValueError("a keras model needs its PATH_OR_MODULE:FUNCTION, and only it has one")
+    if self.kind == "keras" and (self.param_slots or self.stat_slots):
+      raise ValueError("per-step norm parameters and running statistics are not supported for "
+                       "Keras models (the model's own batch norm uses batch statistics)")
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r}: must be one of {NORMS}")
     if self.downsample not in ("stride", "maxpool"):
@@ -65,7 +75,9 @@ class ModelConfig:
       raise ValueError(f"running statistics need norm=batch_norm, not {self.norm!r}")
 
   def norm_layers(self) -> list[tuple[str, int]]:
-    """(name, width) of every normalised layer, in order."""
+    """(name, width) of every normalised layer, in order (none of a Keras model is ours)."""
+    if self.kind == "keras":
+      return []
     if self.kind == "conv4":
       return [(f"conv{i}", self.num_filters) for i in range(4)]
     return [(f"dense{i}", h) for i, h in enumerate(self.hidden_sizes)]
@@ -92,7 +104,11 @@ def _conv_output_side(cfg: ModelConfig) -> int:
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-  """Glorot-uniform weights, zero biases, unit scales; a pure function of ``seed``."""
+  """Glorot-uniform weights, zero biases, unit scales; a pure function of ``seed``.
+
+  A Keras model: its own initialisers, seeded by ``seed``."""
+  if cfg.kind == "keras":
+    return _keras().init_params(cfg.keras, cfg.input_shape, cfg.num_outputs, seed)
   rng = np.random.default_rng(seed)
 
   def glorot(shape, fan_in, fan_out):
@@ -131,6 +147,12 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
   params["out/bias"] = np.zeros([cfg.num_outputs], np.float32)
   return params
+
+
+def _keras():
+  """:mod:`trainer.keras_models`, imported when first used (it imports this module)."""
+  from trainer import keras_models  # pylint: disable=import-outside-toplevel
+  return keras_models
 
 
 def exact_moments(x: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
@@ -280,12 +302,14 @@ def head(features: tf.Tensor, params: dict) -> tf.Tensor:
 def apply(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
           ctx: ForwardContext | None = None) -> tf.Tensor:
   """Outputs ``[B, n, num_outputs]`` for inputs ``[B, n, *input_shape]`` and params ``[B, ...]``."""
+  if cfg.kind == "keras":
+    return _keras().backbone(cfg.keras, cfg.input_shape, cfg.num_outputs).apply(params, x)
   return head(features(cfg, params, x, ctx), params)
 
 
 def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
              ctx: ForwardContext | None = None) -> tf.Tensor:
-  """The body's output ``[B, n, d]``: what the head sees."""
+  """The body's output ``[B, n, d]``: what the head sees (built-in models only)."""
   ctx = ctx or ForwardContext()
   B = x.shape[0]  # static; the example count n may be dynamic (exported models)
   if cfg.kind == "mlp":

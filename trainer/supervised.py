@@ -51,6 +51,9 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
       and not tf.config.list_logical_devices("GPU")):
     raise UsageError("--compute_dtype=float16: TensorFlow has no float16 gradients of grouped "
                      "convolutions on CPU (cuDNN has them on GPU); use bfloat16 or float32 here")
+  if model.kind == "keras" and meta.compute_dtype != "float32":
+    raise UsageError(f"--compute_dtype={meta.compute_dtype}: not yet for --model=keras:... "
+                     f"(build the model under a Keras mixed-precision policy instead)")
   jit = {"true": True, "false": False}.get(values["jit_compile"],
                                            distribute.default_jit_compile(model.kind))
   meta_learner = learner.MetaLearner(

@@ -9,6 +9,7 @@ the conv4 backbone, the sampler). Every default of an evaluation setting (``--ev
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from absl import flags
 
@@ -41,7 +42,13 @@ _images(flags.DEFINE_boolean, "verify_records", False, "At start-up, also check 
         "checked).", may_change=True)
 
 # --- model ---
-_define(flags.DEFINE_enum, "model", "conv4", ["conv4", "mlp"], "Backbone (sinusoid: always an MLP of --hidden_sizes).")
+_define(flags.DEFINE_string, "model", "conv4", "Backbone: conv4, mlp, or "
+        "keras:PATH_OR_MODULE:FUNCTION, your own Keras model: FUNCTION(input_shape, n_way) "
+        "returns a keras.Model from images [n, H, W, C] in [0, 1] to logits [n, n_way] "
+        "(docs/models.md). Sinusoid: always an MLP of --hidden_sizes.")
+flags.register_validator(
+    "model", lambda v: v in ("conv4", "mlp") or (v.startswith("keras:") and v.count(":") >= 2),
+    "must be conv4, mlp or keras:PATH_OR_MODULE:FUNCTION")
 _images(flags.DEFINE_integer, "num_filters", _MODEL.num_filters, "conv4 filters per layer "
         "(paper: 64 Omniglot, 32 Mini).", lower_bound=1)
 _images(flags.DEFINE_enum, "downsample", _MODEL.downsample, ["stride", "maxpool"],
@@ -146,9 +153,21 @@ def model_config(values: dict, image_shape: tuple | None) -> models.ModelConfig:
                     values["bn_running_stats"]])
   if image_shape is None:
     return models.ModelConfig("mlp", (1,), 1, **common)
+  if values["model"].startswith("keras:"):
+    return models.ModelConfig("keras", tuple(image_shape), values["n_way"],
+                              keras=keras_spec(values["model"]), **common)
   return models.ModelConfig(values["model"], tuple(image_shape), values["n_way"],
                             num_filters=values["num_filters"], downsample=values["downsample"],
                             features=values["features"], **common)
+
+
+def keras_spec(flag: str) -> str:
+  """``keras:PATH_OR_MODULE:FUNCTION`` -> the spec, a file path made absolute (so resuming or
+  exporting from another directory finds the same file)."""
+  source, _, function = flag[len("keras:"):].rpartition(":")
+  if source.endswith(".py"):
+    source = str(Path(source).expanduser().resolve())
+  return f"{source}:{function}"
 
 
 def meta_config(values: dict) -> maml.MetaConfig:

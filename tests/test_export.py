@@ -37,7 +37,25 @@ CASES = {
          "--eval_norm_stats=running"]),
     "mini_anil": ("configs/anil_mini_5w1s.cfg", "miniimagenet",
                   ["--eval_inner_steps=4", "--meta_batch_size=2"]),
+    # A user's Keras model from a file outside the repository; moved away before the export
+    # is loaded, so the export must stand without it.
+    "omniglot_keras": ("configs/omniglot_5w1s.cfg", "omniglot",
+                       ["--model=keras:{user_model}:small", "--per_step_inner_lr",
+                        "--eval_inner_steps=2"]),
 }
+USER_MODEL = textwrap.dedent("""
+    import keras
+
+    def small(input_shape, n_way):
+      inputs = keras.Input(input_shape)
+      h = inputs
+      for _ in range(2):
+        h = keras.layers.Conv2D(8, 3, strides=2, padding="same")(h)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.ReLU()(h)
+      h = keras.layers.GlobalAveragePooling2D()(h)
+      return keras.Model(inputs, keras.layers.Dense(n_way)(h))
+""")
 
 
 def run(*args, cwd=REPO, timeout=600):
@@ -57,11 +75,16 @@ def train_and_export(case: str, request, tmp_path_factory) -> tuple:
                                     else "mini_records")
   root = tmp_path_factory.mktemp(case)
   model_dir, export_dir = root / "run", root / "export"
+  user_model = root / "user_nets.py"
+  user_model.write_text(USER_MODEL)
+  extra = [a.format(user_model=user_model) for a in extra]
   result = run("-m", "trainer.main", f"--flagfile={flagfile}", f"--data_dir={records}",
                f"--model_dir={model_dir}", "--num_iterations=6", "--eval_every=3",
                "--checkpoint_every=3", "--log_every=3", "--val_episodes=4", "--eval_episodes=8",
                f"--eval_batch_size={EVAL_BATCH}", *extra)
   assert result.returncode == 0, result.stderr[-3000:]
+  kind = json.loads((model_dir / guard.RUN_RECORD).read_text())["model"]["kind"]
+  assert kind == ("keras" if "keras" in case else "conv4")
   result = run("-m", "trainer.export", f"--model_dir={model_dir}", f"--output={export_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "exported" in result.stdout and "meta-test test accuracy" in result.stdout, result.stdout
@@ -157,7 +180,12 @@ def test_export_predicts_what_the_trainer_meta_test_measured(trained, tmp_path):
   np.savez(inputs, **arrays)
   script = STANDALONE.format(repo=str(REPO), export=str(export_dir), inputs=str(inputs),
                              outputs=str(outputs))
-  result = run("-c", script, cwd=tmp_path)
+  user_model = model_dir.parent / "user_nets.py"
+  away = user_model.rename(model_dir.parent / "moved_away")
+  try:
+    result = run("-c", script, cwd=tmp_path)
+  finally:
+    away.rename(user_model)
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
   out = np.load(outputs)
   for e, ep in enumerate(episodes):

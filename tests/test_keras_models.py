@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import error_line, trainer
 from pipeline.errors import UsageError
 from test_maml import classification_batch
 from trainer import keras_models, maml, models
@@ -36,6 +37,17 @@ CONV4_KERAS = textwrap.dedent("""
 
     def not_a_model(input_shape, n_way):
       return "conv4"
+
+    def with_dropout(input_shape, n_way):
+      inputs = keras.Input(input_shape)
+      h = keras.layers.Dropout(0.1, name="drop")(keras.layers.Flatten()(inputs))
+      return keras.Model(inputs, keras.layers.Dense(n_way)(h))
+
+    def with_frozen_layer(input_shape, n_way):
+      inputs = keras.Input(input_shape)
+      frozen = keras.layers.Dense(4, name="frozen", trainable=False)
+      h = frozen(keras.layers.Flatten()(inputs))
+      return keras.Model(inputs, keras.layers.Dense(n_way)(h))
 """)
 
 
@@ -174,6 +186,9 @@ def test_the_learner_meta_trains_a_keras_model_as_the_builtin_one(user_file, opt
     ("no_such_module_here:make", "cannot import no_such_module_here"),
     ("{file}", "expected PATH_OR_MODULE:FUNCTION"),
     ("{dir}/absent.py:make", "no file"),
+    ("{file}:with_dropout", "layer drop (Dropout) draws random numbers in training"),
+    ("{file}:with_frozen_layer", "non-trainable weight frozen/kernel: frozen weights are not "
+                                 "supported yet"),
 ])
 def test_a_model_that_cannot_be_meta_trained_is_refused_in_one_line(user_file, spec, message):
   spec = spec.format(file=user_file, dir=user_file.parent)
@@ -181,3 +196,17 @@ def test_a_model_that_cannot_be_meta_trained_is_refused_in_one_line(user_file, s
     keras_models.build(spec, (28, 28, 1), 3)
   assert message in str(error.value) and "\n" not in str(error.value)
   assert str(error.value).startswith(f"--model=keras:{spec}: ")
+
+
+def test_the_trainer_refuses_a_bad_keras_model_at_start_up_in_one_line(user_file, tmp_path,
+                                                                       omniglot_records):
+  result = trainer("--dataset=omniglot", f"--data_dir={omniglot_records}",
+                   f"--model=keras:{user_file}:with_dropout", f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert error_line(result.stderr).endswith("layer drop (Dropout) draws random numbers in "
+                                            "training, which the meta-step cannot replay per "
+                                            "task (nor XLA compile); remove it")
+  assert not (tmp_path / "run" / "ckpt").exists()
+  result = trainer("--dataset=sinusoid", "--model=resnet", f"--model_dir={tmp_path / 'r2'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "--model" in result.stderr and "keras:PATH_OR_MODULE:FUNCTION" in result.stderr

@@ -45,7 +45,7 @@ _images(flags.DEFINE_boolean, "verify_records", False, "At start-up, also check 
 _define(flags.DEFINE_string, "model", "conv4", "Backbone: conv4, mlp, or "
         "keras:PATH_OR_MODULE:FUNCTION, your own Keras model: FUNCTION(input_shape, n_way) "
         "returns a keras.Model from images [n, H, W, C] in [0, 1] to logits [n, n_way] "
-        "(docs/models.md). Sinusoid: always an MLP of --hidden_sizes.")
+        "(docs/training.md). Sinusoid: always an MLP of --hidden_sizes.")
 flags.register_validator(
     "model", lambda v: v in ("conv4", "mlp") or (v.startswith("keras:") and v.count(":") >= 2),
     "must be conv4, mlp or keras:PATH_OR_MODULE:FUNCTION")

@@ -60,6 +60,15 @@ PEERS = {
     "target_mini_5w1s_10steps_mb32": ("mini_5w1s", {"k_query": 15, "meta_batch_size": 32,
                                                      "inner_steps": 10}),
 }
+# The same shapes with the same conv4 written as a Keras model (bench/keras_conv4.py), run
+# through --model=keras: the Keras path's cost against the built-in one, side by side.
+_KERAS_CONV4 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_conv4.py")
+PEERS.update({
+    "keras_omniglot_5w1s_q15": ("omniglot_5w1s", dict(PEERS["peer_omniglot_5w1s_q15"][1],
+                                                      model=f"keras:{_KERAS_CONV4}:omniglot")),
+    "keras_mini_5w1s_q15": ("mini_5w1s", dict(PEERS["peer_mini_5w1s_q15"][1],
+                                              model=f"keras:{_KERAS_CONV4}:mini")),
+})
 
 
 def flagfile_values(name: str) -> dict:
@@ -116,7 +125,7 @@ def run_single(spec: str) -> dict:
   cfg = sc.model_config(values, shape)
   meta = dataclasses.replace(sc.meta_config(values), first_order=order == "first",
                              remat=remat == "true")
-  is_regression = cfg.kind == "mlp"
+  is_regression = cfg.kind == "mlp" and values["dataset"] == "sinusoid"
   n = 1 if is_regression else values["n_way"]
   k, q, batch, steps = (values["k_shot"], values["k_query"], values["meta_batch_size"],
                         meta.inner_steps)

@@ -4,7 +4,9 @@ same weights; models that cannot be meta-trained are refused in one line."""
 
 from __future__ import annotations
 
+import runpy
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import tensorflow as tf
 from helpers import error_line, trainer
 from pipeline.errors import UsageError
 from test_maml import classification_batch
-from trainer import keras_models, maml, models
+from trainer import keras_maml, keras_models, maml, models
 
 CONV4_KERAS = textwrap.dedent("""
     import keras
@@ -210,3 +212,35 @@ def test_the_trainer_refuses_a_bad_keras_model_at_start_up_in_one_line(user_file
   result = trainer("--dataset=sinusoid", "--model=resnet", f"--model_dir={tmp_path / 'r2'}")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "--model" in result.stderr and "keras:PATH_OR_MODULE:FUNCTION" in result.stderr
+
+
+@pytest.mark.parametrize("first_order, adapt", [(False, "all"), (True, "all"), (False, "head")])
+def test_the_python_api_takes_the_trainers_meta_gradient(user_file, first_order, adapt):
+  """keras_maml.MAML(model) in a user's own tape gives trainer.maml's meta-gradient."""
+  spec = f"{user_file}:conv4"
+  cfg = models.ModelConfig("keras", (28, 28, 1), 3, keras=spec)
+  params = {k: tf.constant(v) for k, v in models.init_params(cfg, 0).items()}
+  model = keras_models.init_model(spec, (28, 28, 1), 3, seed=0)
+  learner = keras_maml.MAML(model, inner_lr=0.3, first_order=first_order, adapt=adapt)
+  batch = classification_batch(cfg, tasks=2)
+  with tf.GradientTape() as tape:
+    fast = learner.adapt(batch["support_x"], batch["support_y"], steps=2)
+    loss = learner.loss(fast, batch["query_x"], batch["query_y"])
+  got = dict(zip(learner.backbone.names, tape.gradient(loss, model.trainable_variables)))
+  meta = maml.MetaConfig(inner_steps=2, inner_lr=0.3, first_order=first_order,
+                         inner_adapt=adapt)
+  expected, _ = maml.meta_gradients(cfg, meta, params, None, batch, 2)
+  assert sorted(got) == sorted(expected)
+  for name, g in expected.items():
+    scale = float(tf.reduce_max(tf.abs(g))) + 1e-6
+    assert scale > 1e-5, name
+    np.testing.assert_allclose(got[name].numpy() / scale, g.numpy() / scale, atol=1e-4,
+                               err_msg=name)
+
+
+def test_the_python_example_meta_trains(capsys):
+  runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs/examples/keras_maml.py"))
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split(":")[0] for line in lines] == ["step 0", "step 1", "step 2"]
+  losses = [float(line.rsplit(" ", 1)[1]) for line in lines]
+  assert all(np.isfinite(losses)) and all(0.5 < x < 5 for x in losses)  # 5-way: about ln 5

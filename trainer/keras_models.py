@@ -175,10 +175,15 @@ def _seeded_build(builder: Callable, input_shape: tuple, n_way: int, seed: int):
     np.random.set_state(np_state)
 
 
+def init_model(spec: str, input_shape: tuple, n_way: int, seed: int):
+  """A new instance of the user's model with the initial weights of ``seed``."""
+  return _seeded_build(load_builder(spec), input_shape, n_way, seed)
+
+
 def init_params(spec: str, input_shape: tuple, n_way: int, seed: int) -> dict[str, np.ndarray]:
   """The model's own initial weights for ``seed``, by positional name (the model checked)."""
   backbone(spec, tuple(input_shape), n_way)
-  model = _seeded_build(load_builder(spec), input_shape, n_way, seed)
+  model = init_model(spec, input_shape, n_way, seed)
   return {name: np.asarray(v.numpy(), np.float32)
           for name, v in zip(weight_names(model), model.trainable_variables)}
 
@@ -201,28 +206,34 @@ def build(spec: str, input_shape: tuple[int, ...], n_way: int) -> KerasBackbone:
   model = _seeded_build(load_builder(spec), input_shape, n_way, 0)
   if not isinstance(model, keras.Model):
     raise UsageError(f"--model=keras:{spec}: returned {type(model).__name__}, not a keras.Model")
+  return wrap(model, tuple(input_shape), n_way, f"--model=keras:{spec}")
+
+
+def wrap(model, input_shape: tuple[int, ...], n_way: int, label: str = "the model"
+         ) -> KerasBackbone:
+  """A built ``keras.Model`` as a :class:`KerasBackbone`, or a one-line refusal (``label: ...``)."""
   if not model.trainable_variables:
-    raise UsageError(f"--model=keras:{spec}: the model has no trainable weights")
+    raise UsageError(f"{label}: the model has no trainable weights")
   names = weight_names(model)
   for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
     if getattr(layer, "seed_generator", None) is not None:
-      raise UsageError(f"--model=keras:{spec}: layer {layer.name} ({type(layer).__name__}) "
+      raise UsageError(f"{label}: layer {layer.name} ({type(layer).__name__}) "
                        f"draws random numbers in training, which the meta-step cannot "
                        f"replay per task (nor XLA compile); remove it")
   for v in model.non_trainable_variables:
     if not v.name.startswith("moving_"):
-      raise UsageError(f"--model=keras:{spec}: non-trainable weight {v.path}: frozen weights "
+      raise UsageError(f"{label}: non-trainable weight {v.path}: frozen weights "
                        f"are not supported yet (make the layer trainable)")
   out = model(np.zeros((2, *input_shape), np.float32), training=False)
   if tuple(out.shape) != (2, n_way):
-    raise UsageError(f"--model=keras:{spec}: outputs {tuple(out.shape)} for 2 images of "
+    raise UsageError(f"{label}: outputs {tuple(out.shape)} for 2 images of "
                      f"{tuple(input_shape)}; expected (2, {n_way}) logits")
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(model(np.ones((2, *input_shape), np.float32), training=True))
   grads = tape.gradient(loss, model.trainable_variables)
   for name, g in zip(names, grads):
     if g is None:
-      raise UsageError(f"--model=keras:{spec}: weight {name} gets no gradient from the "
+      raise UsageError(f"{label}: weight {name} gets no gradient from the "
                        f"logits (a layer not on the path to the output?)")
   return KerasBackbone(model, names,
                        tuple(np.asarray(v.numpy()) for v in model.non_trainable_variables))

@@ -4,6 +4,7 @@ same weights; models that cannot be meta-trained are refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 import textwrap
 from pathlib import Path
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import error_line, trainer
+from helpers import TWO_CPUS, error_line, mirrored_over_two_cpus, trainer
+from numerics import assert_close_f32
 from pipeline.errors import UsageError
 from test_maml import classification_batch
-from trainer import keras_maml, keras_models, maml, models
+from trainer import keras_maml, keras_models, learner, maml, models, optim
 
 CONV4_KERAS = textwrap.dedent("""
     import keras
@@ -244,3 +246,43 @@ def test_the_python_example_meta_trains(capsys):
   assert [line.split(":")[0] for line in lines] == ["step 0", "step 1", "step 2"]
   losses = [float(line.rsplit(" ", 1)[1]) for line in lines]
   assert all(np.isfinite(losses)) and all(0.5 < x < 5 for x in losses)  # 5-way: about ln 5
+
+
+@pytest.mark.numerics
+def test_a_keras_model_meta_gradient_is_the_same_over_replicas_chunks_and_remat(user_file):
+  """The learner's meta-gradient of a Keras model: two mirrored replicas, task chunks of 1 and
+  recomputed inner steps give the all-tasks-on-one-device value (the same sums in other
+  orders, within float32 rounding)."""
+  cfg = models.ModelConfig("keras", (28, 28, 1), 3, keras=f"{user_file}:conv4")
+  meta = maml.MetaConfig(inner_steps=2, inner_lr=0.3, per_step_inner_lr=True)
+  batch = classification_batch(cfg, tasks=4)
+
+  def meta_gradient(strategy, chunk, remat):
+    l = learner.MetaLearner(strategy, cfg, dataclasses.replace(meta, remat=remat),
+                            optim.AdamConfig(), seed=0, meta_batch_size=4, eval_inner_steps=1,
+                            jit_compile=False, task_chunk=chunk)
+    per = 4 // strategy.num_replicas_in_sync
+    shares = strategy.experimental_distribute_values_from_function(
+        lambda ctx: {k: v[ctx.replica_id_in_sync_group * per:][:per] for k, v in batch.items()})
+
+    def replica(b):
+      params, lrs = l._values()  # pylint: disable=protected-access
+      out = l._meta_gradients((False, False), params, lrs,  # pylint: disable=protected-access
+                              l._inputs(b, per), tf.constant(0, tf.int64))  # pylint: disable=protected-access
+      return tf.distribute.get_replica_context().all_reduce("sum", out)
+
+    grads, sums = strategy.experimental_local_results(
+        tf.function(lambda b: strategy.run(replica, (b,)))(shares))[0]
+    return {k: v.numpy() for k, v in {**grads, **sums}.items()}
+
+  one = tf.distribute.OneDeviceStrategy(TWO_CPUS[0])
+  expected = meta_gradient(one, 0, False)
+  assert any(k.startswith("lr/") for k in expected)
+  for strategy, chunk, remat in ((mirrored_over_two_cpus(), 0, False), (one, 1, False),
+                                 (one, 0, True)):
+    got = meta_gradient(strategy, chunk, remat)
+    assert sorted(got) == sorted(expected)
+    for k, value in expected.items():
+      assert_close_f32(got[k], value, reduction_length=28 * 28 * 6, stages=3,
+                       err_msg=f"{k} replicas={strategy.num_replicas_in_sync} chunk={chunk} "
+                               f"remat={remat}")

@@ -203,7 +203,7 @@ def backbone(spec: str, input_shape: tuple, n_way: int) -> "KerasBackbone":
 def build(spec: str, input_shape: tuple[int, ...], n_way: int) -> KerasBackbone:
   """Builds the user's model and refuses, in one line, one that cannot be meta-trained."""
   import keras  # pylint: disable=import-outside-toplevel
-  model = _seeded_build(load_builder(spec), input_shape, n_way, 0)
+  model = init_model(spec, input_shape, n_way, seed=0)
   if not isinstance(model, keras.Model):
     raise UsageError(f"--model=keras:{spec}: returned {type(model).__name__}, not a keras.Model")
   return wrap(model, tuple(input_shape), n_way, f"--model=keras:{spec}")

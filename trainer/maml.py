@@ -104,7 +104,7 @@ def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.T
 
   With :func:`body_is_fixed`, ``x`` holds body features and only the head is applied.
   """
-  if body_is_fixed(cfg, meta) and x.shape.rank == 3 and cfg.kind == "conv4":
+  if body_is_fixed(cfg, meta) and x.shape.rank == 3 and cfg.kind in models.CONV_KINDS:
     out = models.head(x, params)
   else:
     out = models.apply(cfg, params, x, ctx)
@@ -120,11 +120,12 @@ def task_losses(cfg: models.ModelConfig, meta: MetaConfig, params: dict, x: tf.T
 
 
 def body_is_fixed(cfg: models.ModelConfig, meta: MetaConfig) -> bool:
-  """ANIL on a conv4 whose body does not change with the step: its features are computed once.
+  """ANIL on a built-in conv body that does not change with the step: its features are
+  computed once.
 
   (Per-step norm parameters or statistics make the body step-dependent, so those recompute.)
   """
-  return (meta.inner_adapt == "head" and cfg.kind == "conv4" and not cfg.param_slots
+  return (meta.inner_adapt == "head" and cfg.kind in models.CONV_KINDS and not cfg.param_slots
           and not cfg.stat_slots)
 
 

@@ -21,20 +21,26 @@ import tensorflow as tf
 from absl import logging
 
 NORMS = ("batch_norm", "layer_norm", "none")
-KINDS = ("conv4", "mlp", "keras")
+KINDS = ("conv4", "resnet12", "mlp", "keras")
+CONV_KINDS = ("conv4", "resnet12")  # built-in convolutional bodies (grouped-convolution layout)
+LEAKY_SLOPE = 0.1  # ResNet-12's leaky ReLU (TADAM, MetaOptNet)
 EPSILON = 1e-3  # tf.contrib.layers.batch_norm's default, as in the original MAML code
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """``conv4``: 4 x [3x3 conv, norm, ReLU, 2x2 down-sampling] + linear; ``mlp``: dense layers;
-  ``keras``: a user's Keras model (:mod:`trainer.keras_models`), named by ``keras``."""
-  kind: str  # "conv4", "mlp" or "keras"
+  """``conv4``: 4 x [3x3 conv, norm, ReLU, 2x2 down-sampling] + linear; ``resnet12``: the
+  few-shot ResNet-12 of TADAM and MetaOptNet (4 residual blocks of ``widths``, each 3 x [3x3
+  conv, norm, leaky ReLU 0.1] with a 1x1 conv + norm shortcut, then 2x2 max-pool) + linear;
+  ``mlp``: dense layers; ``keras``: a user's Keras model (:mod:`trainer.keras_models`), named
+  by ``keras``."""
+  kind: str  # "conv4", "resnet12", "mlp" or "keras"
   input_shape: tuple[int, ...]  # per example: (H, W, C) for images, (d,) for vectors
   num_outputs: int
   num_filters: int = 64
   downsample: str = "stride"  # "stride" (stride-2 convs) or "maxpool" (2x2 max-pool)
-  features: str = "mean"  # conv4 head input: "mean" over space (MAML Omniglot) or "flatten"
+  features: str = "mean"  # conv head input: "mean" over space (MAML Omniglot) or "flatten"
+  widths: tuple[int, ...] = (64, 160, 320, 640)  # resnet12: each block's channels
   hidden_sizes: tuple[int, ...] = (40, 40)
   norm: str = "batch_norm"
   # The original MAML code's batch norm (tf.contrib.layers.batch_norm defaults) has an offset
@@ -73,6 +79,8 @@ class ModelConfig:
       raise ValueError("per-step norm parameters or running statistics need a norm")
     if self.stat_slots and self.norm != "batch_norm":
       raise ValueError(f"running statistics need norm=batch_norm, not {self.norm!r}")
+    if len(self.widths) != 4 or min(self.widths) < 1:
+      raise ValueError(f"widths={self.widths}: ResNet-12 needs four positive block widths")
 
   def norm_layers(self) -> list[tuple[str, int]]:
     """(name, width) of every normalised layer, in order (none of a Keras model is ours)."""
@@ -80,6 +88,9 @@ class ModelConfig:
       return []
     if self.kind == "conv4":
       return [(f"conv{i}", self.num_filters) for i in range(4)]
+    if self.kind == "resnet12":
+      return [(f"block{i}/{layer}", width) for i, width in enumerate(self.widths)
+              for layer in ("conv0", "conv1", "conv2", "shortcut")]
     return [(f"dense{i}", h) for i, h in enumerate(self.hidden_sizes)]
 
 
@@ -99,12 +110,14 @@ def init_stats(cfg: ModelConfig) -> dict[str, np.ndarray]:
 def _conv_output_side(cfg: ModelConfig) -> int:
   side = cfg.input_shape[0]
   for _ in range(4):
-    side = math.ceil(side / 2) if cfg.downsample == "stride" else side // 2
+    strided = cfg.kind == "conv4" and cfg.downsample == "stride"
+    side = math.ceil(side / 2) if strided else side // 2
   return side
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-  """Glorot-uniform weights, zero biases, unit scales; a pure function of ``seed``.
+  """Glorot-uniform weights (ResNet-12: He-normal), zero biases, unit scales; a pure function
+  of ``seed``.
 
   A Keras model: its own initialisers, seeded by ``seed``."""
   if cfg.kind == "keras":
@@ -133,20 +146,38 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
                                          9 * cfg.num_filters)
       norm_params(f"conv{i}", cfg.num_filters)
       channels = cfg.num_filters
-    side = _conv_output_side(cfg)
-    width = cfg.num_filters * (side * side if cfg.features == "flatten" else 1)
+  elif cfg.kind == "resnet12":
+    # He-normal kernels (fan-out, gain sqrt(2)), as MetaOptNet's and UNICORN-MAML's code.
+    he = lambda shape: rng.normal(0.0, math.sqrt(2.0 / (shape[0] * shape[1] * shape[3])),
+                                  shape).astype(np.float32)
+    channels = cfg.input_shape[-1]
+    for i, width in enumerate(cfg.widths):
+      for j in range(3):
+        params[f"block{i}/conv{j}/kernel"] = he([3, 3, channels if j == 0 else width, width])
+        norm_params(f"block{i}/conv{j}", width)
+      params[f"block{i}/shortcut/kernel"] = he([1, 1, channels, width])
+      norm_params(f"block{i}/shortcut", width)
+      channels = width
   else:
     width = int(np.prod(cfg.input_shape))
     for i, hidden in enumerate(cfg.hidden_sizes):
       params[f"dense{i}/kernel"] = glorot([width, hidden], width, hidden)
       norm_params(f"dense{i}", hidden)
       width = hidden
+  if cfg.kind in CONV_KINDS:
+    side = _conv_output_side(cfg)
+    width = body_width(cfg) * (side * side if cfg.features == "flatten" else 1)
   if cfg.head_init == "normal":
     params["out/kernel"] = rng.normal(0.0, 1.0, [width, cfg.num_outputs]).astype(np.float32)
   else:
     params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
   params["out/bias"] = np.zeros([cfg.num_outputs], np.float32)
   return params
+
+
+def body_width(cfg: ModelConfig) -> int:
+  """Channels of a built-in convolutional body's last layer."""
+  return cfg.widths[-1] if cfg.kind == "resnet12" else cfg.num_filters
 
 
 def _keras():
@@ -205,7 +236,8 @@ def _normalize(cfg: ModelConfig, h: tf.Tensor, params: dict, prefix: str, groups
                                                  is_training=False)
       return y
     return (h - mean) * tf.math.rsqrt(var + EPSILON) * scale + offset
-  if cfg.norm == "batch_norm" and h.shape.rank == 4:
+  if cfg.norm == "batch_norm" and h.shape.rank == 4 and h.dtype != tf.float64:
+    # (float64, for finite-difference tests, has no fused kernel: the exact moments below.)
     # One fused kernel (and one for its gradient) instead of ~8 passes over the activations,
     # which dominate the step's time at these small convolutions. Its gradient of gradient is
     # registered, so second-order MAML works through it.
@@ -282,7 +314,7 @@ def native_grouped_convolutions(dtype: str = "float32") -> bool:
 
 
 def grouped_conv2d(h: tf.Tensor, kernel: tf.Tensor, groups: int, stride: int) -> tf.Tensor:
-  """``[n, H, W, groups*cin]`` convolved with ``[3, 3, cin, groups*cout]``, group by group.
+  """``[n, H, W, groups*cin]`` convolved with ``[k, k, cin, groups*cout]``, group by group.
 
   One grouped convolution where TensorFlow differentiates it; otherwise one ordinary
   convolution per group (the same function, differentiable to any order everywhere).
@@ -323,17 +355,39 @@ def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
     return h
   H, W, C = cfg.input_shape
   h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, H, W, B * C])
-  for i in range(4):
-    kernel = params[f"conv{i}/kernel"]  # [B, 3, 3, cin, cout]
-    cin, cout = kernel.shape[3], kernel.shape[4]
-    grouped = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, cin, B * cout])
-    stride = 2 if cfg.downsample == "stride" else 1
-    h = grouped_conv2d(h, grouped, B, stride)
-    h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B, ctx))
-    if cfg.downsample == "maxpool":
-      h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")
-  side_h, side_w = h.shape[1], h.shape[2]
-  h = tf.reshape(h, [-1, side_h, side_w, B, cfg.num_filters])
+  if cfg.kind == "resnet12":
+    for i in range(4):
+      h = _residual_block(cfg, params, h, f"block{i}", B, ctx)
+  else:
+    for i in range(4):
+      stride = 2 if cfg.downsample == "stride" else 1
+      h = grouped_conv2d(h, _grouped_kernel(params[f"conv{i}/kernel"]), B, stride)
+      h = tf.nn.relu(_normalize(cfg, h, params, f"conv{i}", B, ctx))
+      if cfg.downsample == "maxpool":
+        h = tf.nn.max_pool2d(h, 2, 2, padding="VALID")
+  side_h, side_w, width = h.shape[1], h.shape[2], body_width(cfg)
+  h = tf.reshape(h, [-1, side_h, side_w, B, width])
   if cfg.features == "mean":
     return tf.transpose(tf.reduce_mean(h, axis=[1, 2]), [1, 0, 2])
-  return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, -1, side_h * side_w * cfg.num_filters])
+  return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, -1, side_h * side_w * width])
+
+
+def _grouped_kernel(kernel: tf.Tensor) -> tf.Tensor:
+  """Per-task kernels ``[B, k, k, cin, cout]`` -> one grouped kernel ``[k, k, cin, B*cout]``."""
+  B, k, _, cin, cout = kernel.shape
+  return tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [k, k, cin, B * cout])
+
+
+def _residual_block(cfg: ModelConfig, params: dict, h: tf.Tensor, prefix: str, groups: int,
+                    ctx: ForwardContext) -> tf.Tensor:
+  """One ResNet-12 block on the grouped layout ``[n, H, W, B*cin]`` -> ``[n, H/2, W/2, B*w]``."""
+  conv = lambda x, name: _normalize(cfg, grouped_conv2d(
+      x, _grouped_kernel(params[f"{prefix}/{name}/kernel"]), groups, 1), params,
+      f"{prefix}/{name}", groups, ctx)
+  y = h
+  for j in range(3):
+    y = conv(y, f"conv{j}")
+    if j < 2:
+      y = tf.nn.leaky_relu(y, LEAKY_SLOPE)
+  y = tf.nn.leaky_relu(y + conv(h, "shortcut"), LEAKY_SLOPE)
+  return tf.nn.max_pool2d(y, 2, 2, padding="VALID")

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline import paths, streams
 from pipeline.errors import DataError, UsageError
-from trainer import distribute, family, learner, meta_flags, tasks
+from trainer import distribute, family, learner, meta_flags, models, tasks
 from trainer import supervised_config as sc
 
 
@@ -47,7 +47,7 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
   streams.check_divisible(ep.eval_batch_size, replicas, "--eval_batch_size")
   model = sc.model_config(values, image_shape)
   meta = sc.meta_config(values)
-  if (meta.compute_dtype == "float16" and model.kind == "conv4"
+  if (meta.compute_dtype == "float16" and model.kind in models.CONV_KINDS
       and not tf.config.list_logical_devices("GPU")):
     raise UsageError("--compute_dtype=float16: TensorFlow has no float16 gradients of grouped "
                      "convolutions on CPU (cuDNN has them on GPU); use bfloat16 or float32 here")

@@ -42,19 +42,26 @@ _images(flags.DEFINE_boolean, "verify_records", False, "At start-up, also check 
         "checked).", may_change=True)
 
 # --- model ---
-_define(flags.DEFINE_string, "model", "conv4", "Backbone: conv4, mlp, or "
+_define(flags.DEFINE_string, "model", "conv4", "Backbone: conv4, resnet12 (TADAM/MetaOptNet's "
+        "ResNet-12, --resnet_widths), mlp, or "
         "keras:PATH_OR_MODULE:FUNCTION, your own Keras model: FUNCTION(input_shape, n_way) "
         "returns a keras.Model from images [n, H, W, C] in [0, 1] to logits [n, n_way] "
         "(docs/training.md). Sinusoid: always an MLP of --hidden_sizes.")
 flags.register_validator(
-    "model", lambda v: v in ("conv4", "mlp") or (v.startswith("keras:") and v.count(":") >= 2),
-    "must be conv4, mlp or keras:PATH_OR_MODULE:FUNCTION")
+    "model", lambda v: v in ("conv4", "resnet12", "mlp") or (
+        v.startswith("keras:") and v.count(":") >= 2),
+    "must be conv4, resnet12, mlp or keras:PATH_OR_MODULE:FUNCTION")
+_images(flags.DEFINE_list, "resnet_widths", [str(w) for w in _MODEL.widths], "ResNet-12 "
+        "channels of its four blocks (TADAM/MetaOptNet: 64,160,320,640).")
+flags.register_validator(
+    "resnet_widths", lambda v: len(v) == 4 and all(w.isdigit() and int(w) > 0 for w in v),
+    "must be four positive integers, e.g. 64,160,320,640")
 _images(flags.DEFINE_integer, "num_filters", _MODEL.num_filters, "conv4 filters per layer "
         "(paper: 64 Omniglot, 32 Mini).", lower_bound=1)
 _images(flags.DEFINE_enum, "downsample", _MODEL.downsample, ["stride", "maxpool"],
         "conv4 down-sampling: stride-2 convs (Omniglot) or 2x2 max-pool (Mini).")
 _images(flags.DEFINE_enum, "features", _MODEL.features, ["mean", "flatten"],
-        "conv4 head input: spatial mean (original Omniglot code) or flattened map.")
+        "conv4/resnet12 head input: spatial mean (original Omniglot code) or flattened map.")
 _define(flags.DEFINE_enum, "norm", _MODEL.norm, list(models.NORMS),
         "batch_norm: current-batch statistics at train and test time (the paper's "
         "transductive setting); layer_norm: per-example, not transductive; none.")
@@ -158,7 +165,8 @@ def model_config(values: dict, image_shape: tuple | None) -> models.ModelConfig:
                               keras=keras_spec(values["model"]), **common)
   return models.ModelConfig(values["model"], tuple(image_shape), values["n_way"],
                             num_filters=values["num_filters"], downsample=values["downsample"],
-                            features=values["features"], **common)
+                            features=values["features"],
+                            widths=tuple(int(w) for w in values["resnet_widths"]), **common)
 
 
 def keras_spec(flag: str) -> str:
@@ -194,6 +202,8 @@ def model_from_record(record: dict) -> tuple[models.ModelConfig, maml.MetaConfig
   model = dict(record["model"])
   model["input_shape"] = tuple(model["input_shape"])
   model["hidden_sizes"] = tuple(model["hidden_sizes"])
+  if "widths" in model:
+    model["widths"] = tuple(model["widths"])
   return models.ModelConfig(**model), maml.MetaConfig(**record["meta"])
 
 

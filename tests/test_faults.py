@@ -101,6 +101,22 @@ def test_a_cosine_run_resumed_with_another_length_is_refused(tmp_path):
                          training=True)
 
 
+def test_a_run_recorded_before_a_flag_existed_resumes_at_its_default_only(tmp_path):
+  """A newer version's flag is absent from an older run's record: that run ran as its default,
+  so resuming with the default passes and any other value is refused."""
+  from trainer import family, supervised_config  # noqa: F401  (defines --resnet_widths)
+  from trainer import model_dir as guard
+  images = family.family_of("omniglot")
+  guard.write_run_record(tmp_path, {"flags": {"mode": "train", "model": "conv4"}})
+  default = ["64", "160", "320", "640"]
+  guard.check_run_record(tmp_path, {"flags": {"mode": "train", "model": "conv4",
+                                              "resnet_widths": default}}, images, training=True)
+  with pytest.raises(UsageError, match=r"--resnet_widths=.*64.*160.*\(now .*8.*\)"):
+    guard.check_run_record(tmp_path, {"flags": {"mode": "train", "model": "conv4",
+                                                "resnet_widths": ["8"] * 4}}, images,
+                           training=True)
+
+
 @pytest.mark.slow
 def test_the_default_mode_refuses_a_cosine_run_resumed_with_another_length(tmp_path):
   """The trainer's default mode (train_eval) trains too, so it refuses as --mode=train does;

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import tensorflow as tf
-from absl import logging
+from absl import flags, logging
 
 from pipeline.errors import UsageError, first_line
 from trainer import config, evaluation, family
@@ -43,6 +43,9 @@ def check_run_record(model_dir: Path, record: dict, chosen: family.Family,
   before, now = stored.get("flags", {}), record.get("flags", {})
   may_change = ((config.RUN.may_change | chosen.may_change())
                 - chosen.fixed_on_resume(before, training))
+  # A flag the record does not hold came after the run started, which ran as its default.
+  before = {**{k: flags.FLAGS[k].default for k in set(now) - set(before) if k in flags.FLAGS},
+            **before}
   differ = [f"--{k}={_show(before.get(k))} (now {_show(now.get(k))})"
             for k in sorted(set(before) | set(now))
             if k not in may_change and before.get(k) != now.get(k)]

@@ -48,7 +48,7 @@ _define(flags.DEFINE_string, "model", "conv4", "Backbone: conv4, resnet12 (TADAM
         "returns a keras.Model from images [n, H, W, C] in [0, 1] to logits [n, n_way] "
         "(docs/training.md). Sinusoid: always an MLP of --hidden_sizes.")
 flags.register_validator(
-    "model", lambda v: v in ("conv4", "resnet12", "mlp") or (
+    "model", lambda v: (v in models.KINDS and v != "keras") or (
         v.startswith("keras:") and v.count(":") >= 2),
     "must be conv4, resnet12, mlp or keras:PATH_OR_MODULE:FUNCTION")
 _images(flags.DEFINE_list, "resnet_widths", [str(w) for w in _MODEL.widths], "ResNet-12 "

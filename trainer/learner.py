@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from trainer import maml, models, optim
+from trainer import init_from, maml, models, optim
 
 SUM = tf.distribute.ReduceOp.SUM
 STATS_DECAY = 0.9  # running statistics' decay per meta-step (PyTorch's momentum 0.1, as MAML++)
@@ -28,11 +28,12 @@ class MetaLearner:
                meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
                meta_batch_size: int, eval_inner_steps: int, jit_compile: bool,
                eval_batch_size: int | None = None, eval_running_stats: bool = False,
-               task_chunk: int = 0):
+               task_chunk: int = 0, body_from: str | None = None):
     if eval_running_stats and not model.stat_slots:
       raise ValueError("evaluating with running statistics needs them tracked "
                        "(--bn_running_stats=shared or per_step)")
     self.strategy, self.model, self.meta = strategy, model, meta
+    self.body_from = body_from  # --init_from: the run folder a new run takes its body from
     # Normalise evaluation batches with the running statistics (per example, inductive)
     # instead of each task's batch statistics (transductive, the paper's and MAML++'s way).
     self.eval_running_stats = eval_running_stats
@@ -74,6 +75,10 @@ class MetaLearner:
     self._evaluate = tf.function(
         functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps),
         jit_compile=jit_compile)
+
+  def fresh_start(self) -> str | None:
+    """Called by the loop when the run has no checkpoint of its own: ``--init_from``'s body."""
+    return init_from.load_body(self.params, self.body_from) if self.body_from else None
 
   @property
   def step(self) -> tf.Variable:

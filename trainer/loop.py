@@ -189,6 +189,10 @@ class _Training:
     restored = guard.restore_newest_intact(self.checkpoint, self.ckpt_dir)
     if restored:
       logging.info("resumed from %s", restored)
+    elif hasattr(self.learner, "fresh_start"):
+      done = self.learner.fresh_start()
+      if done:
+        logging.info("%s", done)
     step = int(self.learner.step.numpy())
     if self.chief:
       dropped = guard.trim_metrics(self.cfg.model_dir, step)

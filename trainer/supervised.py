@@ -7,11 +7,13 @@ and configs are in :mod:`trainer.supervised_config`.
 
 from __future__ import annotations
 
+import sys
+
 import tensorflow as tf
 
 from pipeline import paths, streams
 from pipeline.errors import DataError, UsageError
-from trainer import distribute, family, learner, meta_flags, models, tasks
+from trainer import config, distribute, family, init_from, learner, meta_flags, models, tasks
 from trainer import supervised_config as sc
 
 
@@ -54,6 +56,8 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
   if model.kind == "keras" and meta.compute_dtype != "float32":
     raise UsageError(f"--compute_dtype={meta.compute_dtype}: not yet for --model=keras:... "
                      f"(build the model under a Keras mixed-precision policy instead)")
+  if values["init_from"]:  # refused now, not after the data checks; a resumed run skips it
+    init_from.check(values["init_from"], config.run_config(values, sys.argv).model_dir)
   jit = {"true": True, "false": False}.get(values["jit_compile"],
                                            distribute.default_jit_compile(model.kind))
   meta_learner = learner.MetaLearner(
@@ -62,5 +66,5 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
       eval_inner_steps=meta_flags.eval_inner_steps(values), jit_compile=jit,
       eval_batch_size=ep.eval_batch_size,
       eval_running_stats=values["eval_norm_stats"] == "running",
-      task_chunk=values["task_chunk"])
+      task_chunk=values["task_chunk"], body_from=values["init_from"])
   return family.Built(task, meta_learner, jit, sc.record_parts(values, model, meta, manifest))

@@ -57,9 +57,9 @@ flags.register_validator(
     "resnet_widths", lambda v: len(v) == 4 and all(w.isdigit() and int(w) > 0 for w in v),
     "must be four positive integers, e.g. 64,160,320,640")
 _define(flags.DEFINE_string, "init_from", None, "Start from the body (every weight but the "
-        "head out/*) of this run folder's best checkpoint (else its newest), e.g. a run of"
-        " another way count or dataset; the head is this run's own. Read once, when the run starts without a checkpoint "
-        "of its own (trainer/init_from.py).")
+        "head out/*) of this run folder's best checkpoint (else its newest), e.g. a run of "
+        "another way count or dataset; the head is this run's own. Read once, when the run "
+        "starts without a checkpoint of its own (trainer/init_from.py).")
 _images(flags.DEFINE_integer, "num_filters", _MODEL.num_filters, "conv4 filters per layer "
         "(paper: 64 Omniglot, 32 Mini).", lower_bound=1)
 _images(flags.DEFINE_enum, "downsample", _MODEL.downsample, ["stride", "maxpool"],

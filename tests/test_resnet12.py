@@ -100,6 +100,7 @@ def builtin_names(backbone) -> dict:
   return names
 
 
+@pytest.mark.slow
 def test_resnet12_in_keras_gives_the_builtin_logits_and_meta_gradient(tmp_path):
   path = tmp_path / "keras_resnet12.py"
   path.write_text(RESNET12_KERAS)

@@ -431,3 +431,67 @@ def test_anil_features_computed_once_give_the_same_meta_gradient(monkeypatch):
   for a, b in zip(cached_eval, maml.evaluate(cfg, meta, params, None, batch, steps=4)):
     np.testing.assert_allclose(a, b, rtol=1e-5)
   assert float(tf.reduce_sum(tf.abs(cached["conv0/kernel"]))) > 0  # the body is meta-learned
+
+
+# --- UNICORN-MAML's shared head ------------------------------------------------------------------
+
+
+def shared_head_setup(**meta_options):
+  cfg = models.ModelConfig("conv4", (12, 12, 1), 3, num_filters=4, shared_head=True)
+  params = as_tensors(models.init_params(cfg, 0), tf.float64)
+  meta = maml.MetaConfig(inner_steps=2, inner_lr=0.3, **meta_options)
+  return cfg, params, meta, classification_batch(cfg, tasks=2, dtype=tf.float64)
+
+
+@pytest.mark.parametrize("options", [{}, {"inner_adapt": "head"}, {"learn_inner_lr": True}],
+                         ids=["maml", "anil", "meta_sgd"])
+def test_a_shared_head_is_an_ordinary_head_with_every_column_the_shared_vector(options):
+  cfg, params, meta, batch = shared_head_setup(**options)
+  assert params["out/kernel"].shape == (4, 1) and params["out/bias"].shape == (1,)
+  full_cfg = dataclasses.replace(cfg, shared_head=False)
+  full = dict(params, **models.expand_head(cfg, params))
+  assert full["out/kernel"].shape == (4, 3)
+  lrs = full_lrs = None
+  if meta.learn_inner_lr:
+    lrs = {k: tf.constant(np.full(s, 0.3), tf.float64)
+           for k, s in maml.learned_rate_shapes(meta, params).items()}
+    full_lrs = dict(lrs, **models.expand_head(cfg, {"out/kernel": lrs["out/kernel"],
+                                                    "out/bias": lrs["out/bias"]}))
+  g_shared, s_shared = maml.meta_gradients(cfg, meta, params, lrs, batch, global_batch=2)
+  g_full, s_full = maml.meta_gradients(full_cfg, meta, full, full_lrs, batch, global_batch=2)
+  for k in s_full:
+    np.testing.assert_allclose(float(s_shared[k]), float(s_full[k]), rtol=1e-12, err_msg=k)
+  # The chain rule through the copy: the shared vector's gradient (and its Meta-SGD rates') is
+  # the sum of the columns'.
+  assert sorted(g_shared) == sorted(g_full) and len(g_shared) > len(params) * bool(lrs)
+  for k in g_shared:
+    expected = g_full[k]
+    if k.startswith(("out/", "lr/out/")):
+      expected = tf.reshape(tf.reduce_sum(expected, axis=-1), g_shared[k].shape)
+    np.testing.assert_allclose(g_shared[k].numpy(), expected.numpy(), rtol=1e-9, atol=1e-12,
+                               err_msg=k)
+
+
+def permute_labels(batch: dict, order: list[int]) -> dict:
+  relabel = tf.constant(order, tf.int32)
+  return dict(batch, support_y=tf.gather(relabel, batch["support_y"]),
+              query_y=tf.gather(relabel, batch["query_y"]))
+
+
+def test_a_shared_head_makes_the_result_independent_of_the_label_order():
+  cfg, params, meta, batch = shared_head_setup()
+  shuffled = permute_labels(batch, [2, 0, 1])
+  grads = lambda c, p, b: maml.meta_gradients(c, meta, p, None, b, global_batch=2)
+  (g, s), (g_perm, s_perm) = grads(cfg, params, batch), grads(cfg, params, shuffled)
+  for k in s:
+    np.testing.assert_allclose(float(s_perm[k]), float(s[k]), rtol=1e-10, err_msg=k)
+  for k in params:
+    np.testing.assert_allclose(g_perm[k].numpy(), g[k].numpy(), rtol=1e-8, atol=1e-12, err_msg=k)
+  losses, _ = maml.evaluate(cfg, meta, params, None, shuffled, steps=3)
+  np.testing.assert_allclose(losses.numpy(), maml.evaluate(cfg, meta, params, None, batch,
+                                                           steps=3)[0].numpy(), rtol=1e-10)
+  # An ordinary head is not: the same check fails without the shared vector.
+  plain = dataclasses.replace(cfg, shared_head=False)
+  plain_params = as_tensors(models.init_params(plain, 0), tf.float64)
+  loss = lambda b: float(grads(plain, plain_params, b)[1]["query_loss_post"])
+  assert abs(loss(batch) - loss(shuffled)) > 1e-6

@@ -110,7 +110,9 @@ class AdaptAndPredict(tf.Module):
     self._model, self._meta, self._steps = model, meta, steps
     self._invert, self._resize_method = invert, RESIZE_METHODS[resample]
     self._keys = sorted(arrays["params"])
-    self._shapes = [arrays["params"][k].shape for k in self._keys]
+    # Adapted parameters: a shared head is N columns once a task has started.
+    started = models.expand_head(model, {k: tf.constant(v) for k, v in arrays["params"].items()})
+    self._shapes = [tuple(started[k].shape) for k in self._keys]
     self.params = {k: tf.Variable(v, trainable=False) for k, v in arrays["params"].items()}
     self.inner_lrs = {k: tf.Variable(v, trainable=False)
                       for k, v in arrays["inner_lrs"].items()}

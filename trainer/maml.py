@@ -142,6 +142,11 @@ def tile(params: dict, tasks: int) -> dict:
   return {k: tf.tile(v[None], [tasks] + [1] * v.shape.rank) for k, v in params.items()}
 
 
+def task_start(cfg: models.ModelConfig, params: dict, tasks: int) -> dict:
+  """Every task's copy ``[B, ...]`` of the meta-parameters, the head expanded if shared."""
+  return tile(models.expand_head(cfg, params), tasks)
+
+
 def step_rates(meta: MetaConfig, params: dict, lrs: dict | None, step: int) -> dict:
   """Each adapted parameter's inner rate at ``step``, broadcastable to its ``[B, ...]`` copy."""
   keys = adapted_keys(meta, params)
@@ -278,7 +283,7 @@ def meta_loss(cfg, meta, params: dict, lrs: dict | None, batch: dict, global_bat
   tasks = batch["support_x"].shape[0]
   n_support, n_query = batch["support_x"].shape[1], batch["query_x"].shape[1]
   query_scale = loss_scale(cfg, meta, n_query, n_support)
-  fast = tile(params, tasks)
+  fast = task_start(cfg, params, tasks)
   batch = body_features(cfg, meta, fast, batch)
   if step_weights is not None:
     low = batch["query_x"].dtype in (tf.bfloat16, tf.float16)  # losses are float32 then
@@ -369,7 +374,7 @@ def evaluate(cfg, meta, params: dict, lrs: dict | None, batch: dict, steps: int,
   statistics, transductive as in the paper.
   """
   tasks = batch["support_x"].shape[0]
-  fast = tile(params, tasks)
+  fast = task_start(cfg, params, tasks)
   batch = body_features(cfg, meta, fast, batch, stats)
   losses, metrics = [], []
   for step in range(steps + 1):
@@ -392,7 +397,7 @@ def adapt(cfg, meta, params: dict, lrs: dict | None, support_x: tf.Tensor,
   Test-time adaptation, as :func:`evaluate` does it, for callers that predict afterwards
   (:mod:`trainer.export`). The example count may be dynamic.
   """
-  fast = tile(params, support_x.shape[0])
+  fast = task_start(cfg, params, support_x.shape[0])
   if body_is_fixed(cfg, meta):
     support_x = models.features(cfg, fast, support_x, models.ForwardContext(stats=stats))
   for step in range(steps):

@@ -48,6 +48,11 @@ class ModelConfig:
   norm_scale: bool = True
   # Head initialisation: "glorot", or "normal" = N(0, 1), the original Omniglot code's w5.
   head_init: str = "glorot"
+  # UNICORN-MAML's head (Ye & Chao, ICLR 2022): one meta-learned weight vector and bias shared
+  # by all N outputs (out/kernel [d, 1], out/bias [1]), copied to every output at the start of
+  # each task (:func:`expand_head`), so no class is tied to a row and the label order of an
+  # episode cannot change its result.
+  shared_head: bool = False
   # Per-step norm parameters (MAML++'s BNWB): 0 = one set shared by every inner step; n > 0 =
   # n sets, set s used by forward passes after s inner updates (the last set beyond n - 1).
   param_slots: int = 0
@@ -75,6 +80,8 @@ class ModelConfig:
       raise ValueError(f"features={self.features!r}: must be mean or flatten")
     if self.head_init not in ("glorot", "normal"):
       raise ValueError(f"head_init={self.head_init!r}: must be glorot or normal")
+    if self.shared_head and self.kind == "keras":
+      raise ValueError("a shared head is not yet supported for Keras models")
     if (self.param_slots or self.stat_slots) and self.norm == "none":
       raise ValueError("per-step norm parameters or running statistics need a norm")
     if self.stat_slots and self.norm != "batch_norm":
@@ -167,12 +174,22 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
   if cfg.kind in CONV_KINDS:
     side = _conv_output_side(cfg)
     width = body_width(cfg) * (side * side if cfg.features == "flatten" else 1)
+  columns = 1 if cfg.shared_head else cfg.num_outputs
   if cfg.head_init == "normal":
-    params["out/kernel"] = rng.normal(0.0, 1.0, [width, cfg.num_outputs]).astype(np.float32)
-  else:
-    params["out/kernel"] = glorot([width, cfg.num_outputs], width, cfg.num_outputs)
-  params["out/bias"] = np.zeros([cfg.num_outputs], np.float32)
+    params["out/kernel"] = rng.normal(0.0, 1.0, [width, columns]).astype(np.float32)
+  else:  # a shared vector at the scale of an N-output head
+    params["out/kernel"] = glorot([width, columns], width, cfg.num_outputs)
+  params["out/bias"] = np.zeros([columns], np.float32)
   return params
+
+
+def expand_head(cfg: ModelConfig, params: dict) -> dict:
+  """The parameters a task starts from: a shared head copied to all N outputs (else as is)."""
+  if not cfg.shared_head:
+    return params
+  out = {"out/kernel": tf.tile(params["out/kernel"], [1, cfg.num_outputs]),
+         "out/bias": tf.tile(params["out/bias"], [cfg.num_outputs])}
+  return dict(params, **out)
 
 
 def body_width(cfg: ModelConfig) -> int:

@@ -73,6 +73,9 @@ _define(flags.DEFINE_boolean, "norm_scale", _MODEL.norm_scale, "Give the norm a 
         "scale. The original MAML code's batch norm has an offset only (--nonorm_scale).")
 _define(flags.DEFINE_enum, "head_init", _MODEL.head_init, ["glorot", "normal"], "Output layer "
         "initialisation; normal = N(0, 1), the original code's Omniglot head.")
+_define(flags.DEFINE_boolean, "shared_head", _MODEL.shared_head, "UNICORN-MAML: meta-learn "
+        "one head vector and bias shared by all N outputs, copied to each at the start of every "
+        "task, so the order of an episode's labels does not matter.")
 _define(flags.DEFINE_boolean, "per_step_bn_params", False, "MAML++ BNWB: a separate norm "
         "scale/offset for each inner step (forward passes after s updates use set s).")
 _define(flags.DEFINE_enum, "bn_running_stats", "none", ["none", "shared", "per_step"],
@@ -159,6 +162,7 @@ def model_config(values: dict, image_shape: tuple | None) -> models.ModelConfig:
   slots = values["inner_steps"] + 1  # forward passes after 0..S inner updates
   common = dict(hidden_sizes=meta_flags.hidden_sizes(values), norm=values["norm"],
                 norm_scale=values["norm_scale"], head_init=values["head_init"],
+                shared_head=values["shared_head"],
                 param_slots=slots if values["per_step_bn_params"] else 0,
                 stat_slots={"none": 0, "shared": 1, "per_step": slots}[
                     values["bn_running_stats"]])

@@ -123,6 +123,8 @@ def run_single(spec: str) -> dict:
     values["inner_steps"] = int(inner)
   shape = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}.get(values["dataset"])
   cfg = sc.model_config(values, shape)
+  if values["mode"] == "pretrain":
+    return run_pretrain_step(case, values, cfg, jit == "true")
   meta = dataclasses.replace(sc.meta_config(values), first_order=order == "first",
                              remat=remat == "true")
   is_regression = cfg.kind == "mlp" and values["dataset"] == "sinusoid"
@@ -208,6 +210,42 @@ def run_training_loop(records: str, sampler: str) -> dict:
   return {"bench": "training_loop", "case": "omniglot_5w1s", "variant": f"sampler={sampler}",
           "fed_by": "tf.data sampler" if sampler == "host" else "episodes drawn in the step",
           "seconds_per_step": round(median, 4), "tasks_per_s": round(32 / median, 1),
+          "device": device(tf)}
+
+
+def run_pretrain_step(case: str, values: dict, cfg, jit: bool) -> dict:
+  """A pretraining config's step (``--mode=pretrain``): one batch's gradient of the 64-way
+  (the train classes') classifier, as trainer/pretrain.py takes it."""
+  import dataclasses
+  import functools
+  import numpy as np
+  import tensorflow as tf
+  from trainer import models, pretrain
+  classes = {"miniimagenet": 64, "omniglot": 4112}.get(values["dataset"], 64)
+  cfg = dataclasses.replace(cfg, num_outputs=classes)
+  batch = values["pretrain_batch_size"]
+  params = {key: tf.constant(v) for key, v in models.init_params(cfg, 0).items()}
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.random((batch,) + cfg.input_shape, np.float32))
+  labels = tf.constant(rng.integers(0, classes, batch), tf.int32)
+  step = tf.function(functools.partial(pretrain._gradients, cfg,  # pylint: disable=protected-access
+                                       global_batch=batch), jit_compile=jit)
+  baseline = process_memory.start_peak_window()
+  start = time.perf_counter()
+  tf.nest.map_structure(lambda t: t.numpy(), step(params, images, labels))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), step(params, images, labels))
+    times.append(time.perf_counter() - start)
+  memory, kind = peak_memory_mb(tf)
+  median = float(np.median(times))
+  return {"bench": "pretrain_step", "case": case, "variant": "default", "jit_compile": jit,
+          "batch_size": batch, "classes": classes, "seconds_per_step": round(median, 4),
+          "images_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),
+          "max_rss_mb" if kind == "max_rss" else "gpu_peak_mb": round(memory, 1),
+          "net_peak_mb": round(memory - (baseline if kind == "max_rss" else 0.0), 1),
           "device": device(tf)}
 
 

@@ -104,14 +104,21 @@ def _episode_ids(first_slot: int, stop_slot: int, global_batch: int,
   return tf.data.Dataset.range(first_slot, stop_slot).flat_map(ids_of_slot), b
 
 
+def training_ids(start_step: int, global_batch: int, sharding: Sharding = Sharding(),
+                 num_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
+  """The ids of training steps ``start_step, ...`` this pipeline's replicas take, in order
+  (``per_replica`` consecutive ids per replica and step), and ``per_replica``."""
+  L = sharding.replicas_per_pipeline
+  stop = tf.int64.max if num_steps is None else (start_step + num_steps) * L
+  return _episode_ids(start_step * L, stop, global_batch, sharding)
+
+
 def training_stream(episode_fn: Callable, *, seed: int, meta_batch_size: int,
                     start_step: int = 0, num_steps: int | None = None,
                     sharding: Sharding = Sharding(), finalize: Callable | None = None,
                     stream: str = "train") -> tf.data.Dataset:
   """Meta-batches for steps ``start_step, start_step+1, ...`` (forever if ``num_steps`` is None)."""
-  L = sharding.replicas_per_pipeline
-  stop = tf.int64.max if num_steps is None else (start_step + num_steps) * L
-  ids, b = _episode_ids(start_step * L, stop, meta_batch_size, sharding)
+  ids, b = training_ids(start_step, meta_batch_size, sharding, num_steps)
   return _batched(ids, episode_fn, stream_seed(seed, stream), b, finalize)
 
 

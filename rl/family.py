@@ -15,6 +15,8 @@ from trainer import family, meta_flags
 
 
 def build(values: dict, strategy: tf.distribute.Strategy) -> family.Built:
+  if values["mode"] == "pretrain":
+    raise UsageError("--mode=pretrain: pretrains image backbones, not policies")
   if values["env"] not in envs.ENVS:
     raise UsageError(f"--env={values['env']}: unknown (known: {', '.join(sorted(envs.ENVS))})")
   kwargs = config.env_kwargs(values)

@@ -33,8 +33,11 @@ RUN.define(flags.DEFINE_string, "dataset", "omniglot",
 flags.register_validator(
     "dataset", lambda v: any(f.serves(v) for f in family_registry.FAMILIES),
     "must be omniglot, miniimagenet, folder, cifarfs, fc100, tfds:NAME[:CONFIG], sinusoid or rl")
-RUN.define(flags.DEFINE_enum, "mode", "train_eval", ["train", "eval", "train_eval"],
-           "train; eval (the best-by-val checkpoint, else the latest); or both.",
+RUN.define(flags.DEFINE_enum, "mode", "train_eval", ["train", "eval", "train_eval", "pretrain"],
+           "train; eval (the best-by-val checkpoint, else the latest); or both. pretrain "
+           "(image datasets): train the backbone as a classifier of every train class, "
+           "validated and tested by nearest-centroid episodes; then meta-train from it with "
+           "--init_from (docs/training.md).",
            may_change=True)
 RUN.define(flags.DEFINE_string, "model_dir", None, "Checkpoints, metrics.jsonl, TensorBoard and "
            "eval JSON. Re-running the same command resumes. Default: runs/<flagfile name>.",
@@ -95,11 +98,11 @@ class RunConfig:
 
   @property
   def training(self) -> bool:
-    return self.mode in ("train", "train_eval")
+    return self.mode in ("train", "train_eval", "pretrain")
 
   @property
   def evaluating(self) -> bool:
-    return self.mode in ("eval", "train_eval")
+    return self.mode in ("eval", "train_eval", "pretrain")
 
 
 def default_model_dir(flagfile: str | None) -> Path:

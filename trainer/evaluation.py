@@ -75,5 +75,7 @@ def format_summary(summary: dict) -> str:
   scale, unit = (100.0, "%") if summary["metric"] == "accuracy" else (1.0, "")
   parts = [f"{s} steps: {v['mean'] * scale:.2f} ± {v['ci95'] * scale:.2f}{unit}"
            for s, v in summary["by_inner_steps"].items()]
+  if "classifier" in summary:  # no inner steps: another rule (a pretraining run's)
+    parts = [f"{summary['classifier']}: {parts[0].split(': ', 1)[1]}"]
   return (f"{summary['split']} {summary['metric']} over {summary['episodes']} episodes — "
           + "; ".join(parts))

@@ -238,6 +238,10 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, checkpoin
   if "model" not in record or "records" not in record:
     raise UsageError(f"{model_dir / guard.RUN_RECORD}: not an image classifier's run "
                       f"(dataset {record.get('dataset')!r}); only those can be exported")
+  if "pretrain" in record:
+    raise UsageError(f"--model_dir={model_dir}: a pretraining run (--mode=pretrain), which "
+                     f"adapts nothing; meta-train from it (--init_from={model_dir}) and export "
+                     f"that run")
   model, meta = sc.model_from_record(record)
   norm_stats = norm_stats or record["flags"].get("eval_norm_stats", "batch")
   if norm_stats == "running" and not model.stat_slots:

@@ -126,7 +126,7 @@ FAMILIES = (
     # Records built by tools/build_tfrecords.py: --dataset names what the manifest says.
     Family("images", ("omniglot", "miniimagenet", "folder", "cifarfs", "fc100", "tfds:*"),
            ("trainer.meta_flags:META", "trainer.supervised_config:SUPERVISED",
-            "trainer.supervised_config:IMAGES"),
+            "trainer.supervised_config:IMAGES", "trainer.pretrain_config:PRETRAIN"),
            "trainer.supervised:build_images", "trainer.supervised_config:fixed_on_resume"),
     Family("sinusoid", ("sinusoid",),
            ("trainer.meta_flags:META", "trainer.supervised_config:SUPERVISED"),

@@ -209,12 +209,18 @@ class MetaLearner:
 
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode query loss and metric after 0..eval_inner_steps steps, ``[steps+1, n]``."""
-    losses, metrics, ids = [], [], []
-    for batch in dataset:
-      loss, metric, valid, episode = (t.numpy() for t in self.eval_step(batch))
-      valid = valid.astype(bool)
-      losses.append(loss[:, valid])
-      metrics.append(metric[:, valid])
-      ids.append(episode[valid])
-    order = np.argsort(np.concatenate(ids), kind="stable")
-    return np.concatenate(losses, axis=1)[:, order], np.concatenate(metrics, axis=1)[:, order]
+    return collect_episodes(self.eval_step, dataset)
+
+
+def collect_episodes(eval_step, dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Runs ``eval_step`` (-> losses and metrics ``[S+1, b]``, ``valid``, ``episode_id``, every
+  replica's gathered) over ``dataset``; the valid episodes' results in episode order."""
+  losses, metrics, ids = [], [], []
+  for batch in dataset:
+    loss, metric, valid, episode = (t.numpy() for t in eval_step(batch))
+    valid = valid.astype(bool)
+    losses.append(loss[:, valid])
+    metrics.append(metric[:, valid])
+    ids.append(episode[valid])
+  order = np.argsort(np.concatenate(ids), kind="stable")
+  return np.concatenate(losses, axis=1)[:, order], np.concatenate(metrics, axis=1)[:, order]

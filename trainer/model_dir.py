@@ -41,6 +41,12 @@ def check_run_record(model_dir: Path, record: dict, chosen: family.Family,
   except (OSError, json.JSONDecodeError) as e:
     raise UsageError(f"{path}: unreadable ({e}); move it aside to start afresh") from None
   before, now = stored.get("flags", {}), record.get("flags", {})
+  if (before.get("mode") == "pretrain") != (now.get("mode") == "pretrain"):
+    raise UsageError(
+        f"--model_dir={model_dir} holds a pretraining run: continue it (or re-test it) with "
+        f"--mode=pretrain, or meta-train from it with --init_from={model_dir} in another "
+        f"--model_dir" if before.get("mode") == "pretrain" else
+        f"--model_dir={model_dir} holds a meta-training run; pretrain in another --model_dir")
   may_change = ((config.RUN.may_change | chosen.may_change())
                 - chosen.fixed_on_resume(before, training))
   # A flag the record does not hold came after the run started, which ran as its default.

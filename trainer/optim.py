@@ -1,4 +1,5 @@
-"""Adam on explicit variables, applied in replica context after the meta-gradient all-reduce.
+"""Adam (meta-training) and SGD with momentum (pretraining) on explicit variables, applied in
+replica context after the gradient all-reduce.
 
 Written out rather than borrowed from Keras so that its state lives in plain variables with
 ``ONLY_FIRST_REPLICA`` aggregation: every replica holds the same reduced gradient, so the
@@ -69,3 +70,49 @@ class Adam:
 
   def state(self) -> dict:
     return {"iterations": self.iterations, "m": self.m, "v": self.v}
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+  """SGD with (Nesterov) momentum, L2 weight decay on kernels (PyTorch's
+  ``SGD(weight_decay=...)`` convention: the gradient plus ``wd * w``) and a cosine schedule from
+  ``learning_rate`` to 0 over ``decay_steps`` updates: supervised pretraining's optimiser."""
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4
+  decay_steps: int = 1
+
+  def __post_init__(self):
+    if self.decay_steps < 1:
+      raise ValueError("a cosine schedule needs decay_steps >= 1")
+
+  def rate(self, iteration: tf.Tensor) -> tf.Tensor:
+    progress = tf.minimum(tf.cast(iteration, tf.float32) / self.decay_steps, 1.0)
+    return 0.5 * self.learning_rate * (1.0 + tf.cos(math.pi * progress))
+
+
+def decays(name: str) -> bool:
+  """Weight decay applies to kernels only (not to biases or norm scales and offsets)."""
+  return name.endswith("/kernel")
+
+
+class SGD:
+  def __init__(self, cfg: SGDConfig, variables: dict[str, tf.Variable]):
+    self.cfg = cfg
+    self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=ONLY_FIRST,
+                                  name="sgd/iterations")
+    self.velocity = {k: tf.Variable(tf.zeros_like(v), trainable=False, aggregation=ONLY_FIRST,
+                                    name=f"sgd/velocity/{k}") for k, v in variables.items()}
+
+  def apply(self, variables: dict[str, tf.Variable], grads: dict[str, tf.Tensor]) -> None:
+    cfg = self.cfg
+    rate = cfg.rate(self.iterations)
+    for k, var in variables.items():
+      g = grads[k] + cfg.weight_decay * var if decays(k) else grads[k]
+      v = self.velocity[k].assign(cfg.momentum * self.velocity[k] + g)
+      var.assign_sub(tf.cast(rate, var.dtype) * (g + cfg.momentum * v if cfg.nesterov else v))
+    self.iterations.assign_add(1)
+
+  def state(self) -> dict:
+    return {"iterations": self.iterations, "velocity": self.velocity}

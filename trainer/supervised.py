@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from pipeline import paths, streams
 from pipeline.errors import DataError, UsageError
-from trainer import config, distribute, family, init_from, learner, meta_flags, models, tasks
+from trainer import config, distribute, family, init_from, learner, meta_flags, models
+from trainer import pretrain, pretrain_config, tasks
 from trainer import supervised_config as sc
 
 
@@ -31,11 +32,28 @@ def image_task(values: dict) -> tasks.FewShotClassification:
 
 
 def build_images(values: dict, strategy: tf.distribute.Strategy) -> family.Built:
+  pretrain_config.refuse_unless_pretraining(values)
   task = image_task(values)
+  if values["mode"] == "pretrain":
+    _check_init_from(values)
+    jit = _jit(values, sc.model_config(values, task.image_shape).kind)
+    return pretrain.build(values, strategy, task, jit)
   return _build(values, strategy, task, task.image_shape, task.manifest)
 
 
+def _check_init_from(values: dict) -> None:
+  if values["init_from"]:  # refused now, not after the data checks; a resumed run skips it
+    init_from.check(values["init_from"], config.run_config(values, sys.argv).model_dir)
+
+
+def _jit(values: dict, kind: str) -> bool:
+  return {"true": True, "false": False}.get(values["jit_compile"],
+                                            distribute.default_jit_compile(kind))
+
+
 def build_sinusoid(values: dict, strategy: tf.distribute.Strategy) -> family.Built:
+  if values["mode"] == "pretrain":
+    raise UsageError("--mode=pretrain: pretrains image backbones; sinusoid has no classes")
   ep = sc.episodes(values)
   task = tasks.SinusoidRegression(ep.k_shot, ep.k_query, ep.eval_k_query, ep.meta_batch_size,
                                   ep.eval_batch_size, values["seed"])
@@ -56,10 +74,8 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
   if model.kind == "keras" and meta.compute_dtype != "float32":
     raise UsageError(f"--compute_dtype={meta.compute_dtype}: not yet for --model=keras:... "
                      f"(build the model under a Keras mixed-precision policy instead)")
-  if values["init_from"]:  # refused now, not after the data checks; a resumed run skips it
-    init_from.check(values["init_from"], config.run_config(values, sys.argv).model_dir)
-  jit = {"true": True, "false": False}.get(values["jit_compile"],
-                                           distribute.default_jit_compile(model.kind))
+  _check_init_from(values)
+  jit = _jit(values, model.kind)
   meta_learner = learner.MetaLearner(
       strategy, model, meta, sc.adam_config(values), seed=values["seed"],
       meta_batch_size=ep.meta_batch_size,

@@ -150,11 +150,12 @@ def episodes(values: dict) -> Episodes:
 
 
 def fixed_on_resume(stored: dict, training: bool) -> frozenset[str]:
-  """Runner flags a resumed run must keep: the cosine schedule anneals over --num_iterations,
+  """Runner flags a resumed run must keep: the cosine schedule (meta-training's if chosen,
+  pretraining's always) anneals over --num_iterations,
   so a longer or shorter training run would silently follow another schedule from the
   restored step on. Meta-testing alone trains nothing and may name another length."""
-  return frozenset({"num_iterations"}) if (
-      training and stored.get("meta_lr_schedule") == "cosine") else frozenset()
+  cosine = stored.get("meta_lr_schedule") == "cosine" or stored.get("mode") == "pretrain"
+  return frozenset({"num_iterations"}) if training and cosine else frozenset()
 
 
 def model_config(values: dict, image_shape: tuple | None) -> models.ModelConfig:

@@ -167,12 +167,17 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
         values["data_dir"] = records.get(values["dataset"])
         if chosen.name == "rl":  # few environments: the factory, not the sampler, is tested
           values.update(meta_batch_size=2, rollouts_per_task=1, eval_rollouts_per_task=None)
+        source = values["init_from"]  # a config's pretraining run: its body is compared below
+        if source:
+          values["init_from"] = None
         built = chosen.build(values, tf.distribute.get_strategy())
         assert built.learner.step.numpy() == 0 and built.task.splits
         model, meta = built.record.get("model", {}), built.record.get("meta", {})
+        params = getattr(built.learner, "params", {})
+        body = sorted((k, tuple(v.shape)) for k, v in params.items() if not k.startswith("out/"))
         print(path.stem, model.get("param_slots"), model.get("stat_slots"),
               meta.get("inner_adapt"), meta.get("per_step_inner_lr"), meta.get("msl_iterations"),
-              type(built.learner).__name__, flush=True)
+              type(built.learner).__name__, source or "-", hash(tuple(body)), flush=True)
   """)
   result = subprocess.run([sys.executable, "-c", script, str(omniglot_records),
                            str(mini_records), str(cifar_records["cifarfs"]),
@@ -185,9 +190,18 @@ def test_every_config_builds_its_task_and_learner(omniglot_records, mini_records
   assert rows["anil_mini_5w1s"][2] == "head" and rows["omniglot_5w1s"][2] == "no_norm"
   configs = {c.stem for c in (REPO / "configs").glob("*.cfg")}
   assert set(rows) == configs
-  assert {r[-1] for k, r in rows.items() if k.startswith("rl_")} == {"RLMetaLearner"}
-  assert rows["sinusoid_5shot"][-1] == "MetaLearner"
+  assert {r[-3] for k, r in rows.items() if k.startswith("rl_")} == {"RLMetaLearner"}
+  assert rows["sinusoid_5shot"][-3] == "MetaLearner"
   assert rows["cifarfs_5w1s"][2] == rows["fc100_5w1s"][2] == "no_norm"
+  # A config that starts from a pretraining config's run has that run's body, name for name
+  # and shape for shape (what --init_from loads).
+  sources = {k: r[-2] for k, r in rows.items() if r[-2] != "-"}
+  assert sources == {"conv4_mini_5w1s_pretrained": "runs/pretrain_conv4_mini",
+                     "resnet12_mini_5w1s": "runs/pretrain_resnet12_mini",
+                     "resnet12_mini_5w5s": "runs/pretrain_resnet12_mini"}
+  for name, source in sources.items():
+    pretraining = source.split("/")[-1]
+    assert rows[pretraining][-3] == "PretrainLearner" and rows[name][-1] == rows[pretraining][-1]
 
 
 # --- checkpoints -----------------------------------------------------------------------------

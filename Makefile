@@ -35,8 +35,9 @@ demo: install
 
 # pytest workers (pytest-xdist): most tests wait on one trainer process, so one per core.
 PYTEST_WORKERS ?= auto
+TESTS ?= tests
 test: install
-	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(TESTS) -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_pipeline.py

@@ -24,8 +24,7 @@ import pipeline  # noqa: E402,F401  (TensorFlow's environment, set before it is 
 
 from absl import app, flags  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import process_memory  # noqa: E402  (beside this script, also when imported as bench.*)
+from trainer import process_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot_5w1s", "omniglot_20w1s", "mini_5w1s", "mini_5w5s",

@@ -27,8 +27,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import process_memory  # beside this script
+# trainer/process_memory.py by its path: this runs in a PyTorch virtualenv without the project.
+_spec = importlib.util.spec_from_file_location(
+    "process_memory", Path(__file__).resolve().parents[1] / "trainer" / "process_memory.py")
+process_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(process_memory)
 
 # The peer shapes of bench_meta_step.PEERS with their configs' architectures (kept here as
 # numbers so that this script needs neither TensorFlow nor the trainer).

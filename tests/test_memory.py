@@ -4,6 +4,7 @@ precision within its bound."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from helpers import TWO_CPUS, mirrored_over_two_cpus
 from numerics import assert_close_f32, relative_difference
+from pipeline.errors import UsageError
 from trainer import learner, maml, models, optim, tasks
 
 
@@ -220,7 +222,7 @@ def test_the_peak_window_forgets_earlier_transients_and_sees_the_steps_own_peak(
   if not os.access("/proc/self/clear_refs", os.W_OK):
     pytest.skip("no /proc/self/clear_refs: the high-water mark cannot be restarted here")
   spec = importlib.util.spec_from_file_location(
-      "process_memory", os.path.join(REPO, "bench", "process_memory.py"))
+      "process_memory", os.path.join(REPO, "trainer", "process_memory.py"))
   process_memory = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(process_memory)
   transient = np.ones(96 * 2**20, np.float32)  # 384 MB, touched, then returned to the OS
@@ -263,3 +265,79 @@ def test_the_trainer_takes_remat_and_task_chunk_and_records_them(tmp_path):
   # Both may change when resuming: they do not change the meta-gradient.
   again = trainer(*SINUSOID, "--inner_steps=2", "--num_iterations=30", f"--model_dir={run}")
   assert again.returncode == 0, again.stderr[-2000:]
+
+
+# --- the memory planner (--memory_budget, trainer/memory_plan.py) ---------------------------
+
+def _fake_probe(table: dict, calls: list):
+  """A probe reading ``table[(task_chunk, remat)] = (peak GB, seconds)``, recording its calls."""
+  def probe(values, image_shape, per_replica, candidate):
+    calls.append((candidate.task_chunk, candidate.remat))
+    peak, seconds = table[(candidate.task_chunk, candidate.remat)]
+    return {"peak_bytes": peak * 1e9, "seconds": seconds}
+  return probe
+
+
+def test_the_planner_takes_the_fastest_candidate_that_fits_and_probes_no_more_than_it_needs():
+  from trainer import memory_plan
+  # 8 tasks a replica: chunks 0 (all), 4, 2, 1; peaks fall with the chunk and with remat.
+  table = {(0, False): (8.0, 1.0), (4, False): (5.0, 1.1), (2, False): (3.5, 1.3),
+           (1, False): (2.9, 1.8), (0, True): (4.0, 1.5), (4, True): (2.5, 1.6),
+           (2, True): (1.5, 1.9), (1, True): (1.0, 2.5)}
+  for budget, chosen, probed in (
+      (10, (0, False), [(0, False)]),  # everything fits within 90% of 10 GB
+      (4.0, (2, False), [(0, False), (4, False), (2, False), (0, True), (4, True)]),
+      (3.3, (4, True), [(0, False), (4, False), (2, False), (1, False), (0, True), (4, True)]),
+      (1.2, (1, True), None)):
+    calls = []
+    plan = memory_plan.choose({}, None, 8, int(budget * 1e9), _fake_probe(table, calls))
+    assert (plan.chosen.task_chunk, plan.chosen.remat) == chosen, budget
+    if probed is not None:
+      assert calls == probed, budget
+    line = memory_plan.explain(plan, int(budget * 1e9))
+    assert line.startswith(f"--memory_budget={budget:.2f} GB: chose "), line
+  with pytest.raises(UsageError, match=r"--memory_budget=0.80 GB: nothing fits; the smallest "
+                                       r"peak measured was 1.00 GB"):
+    memory_plan.choose({}, None, 8, int(0.8e9), _fake_probe(table, []))
+
+
+@pytest.mark.parametrize("text,size", [("16GB", 16 * 10**9), ("800MB", 8 * 10**8),
+                                       ("1.5GiB", int(1.5 * 2**30)), ("2048", 2048)])
+def test_sizes_parse_in_decimal_and_binary_units(text, size):
+  from trainer import memory_plan
+  assert memory_plan.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["16 XB", "-1GB", "GB", "0MB"])
+def test_a_size_that_is_no_size_is_refused_naming_the_flag(text):
+  from trainer import memory_plan
+  with pytest.raises(UsageError, match=f"--memory_budget={text}: not a size"):
+    memory_plan.parse_size(text)
+
+
+@pytest.mark.slow
+def test_what_the_planner_chooses_stays_under_the_budget_when_measured_again():
+  """Real probes of the Omniglot conv4 (28 x 28, 5-way 1-shot, 15 query, 32 tasks): its
+  all-at-once step needs more than the budget; the choice, probed again in a new process,
+  stays under it (net process peak, as bench/ measures it)."""
+  from trainer import config, memory_plan
+  if not os.access("/proc/self/clear_refs", os.W_OK):
+    pytest.skip("no /proc/self/clear_refs: the process peak cannot be measured here")
+  values = dict(config.default_values(), dataset="omniglot", k_query=15, meta_batch_size=32)
+  budget = 600 * 10**6
+  plan = memory_plan.choose(values, [28, 28, 1], 32, budget)
+  first = dict(plan.measured)[memory_plan.Candidate(0, False)]
+  assert first["peak_bytes"] > budget, first  # so the choice had to save memory
+  assert plan.chosen != memory_plan.Candidate(0, False)
+  again = memory_plan.probe(values, [28, 28, 1], 32, plan.chosen)
+  assert again["peak_bytes"] <= budget, (plan.chosen, again, plan.measured)
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_budget_beside_task_chunk_or_a_bad_size_in_one_line(tmp_path):
+  from helpers import SINUSOID, error_line, trainer
+  both = trainer(*SINUSOID, "--memory_budget=1GB", "--task_chunk=5",
+                 f"--model_dir={tmp_path / 'a'}")
+  assert "--memory_budget chooses --task_chunk and --remat itself" in error_line(both.stderr)
+  bad = trainer(*SINUSOID, "--memory_budget=lots", f"--model_dir={tmp_path / 'b'}")
+  assert "--memory_budget=lots: not a size" in error_line(bad.stderr)

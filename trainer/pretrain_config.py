@@ -42,7 +42,8 @@ def sgd_config(values: dict) -> optim.SGDConfig:
 META_ONLY = ("inner_steps", "eval_inner_steps", "inner_lr", "first_order", "meta_lr",
              "learn_inner_lr", "per_step_inner_lr", "loss_reduction", "inner_adapt",
              "msl_iterations", "first_order_iterations", "meta_lr_schedule", "min_meta_lr",
-             "clip_value", "compute_dtype", "task_chunk", "remat", "eval_norm_stats")
+             "clip_value", "compute_dtype", "task_chunk", "remat", "memory_budget",
+             "eval_norm_stats")
 
 
 def refuse_unless_pretraining(values: dict) -> None:

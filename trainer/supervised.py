@@ -7,14 +7,16 @@ and configs are in :mod:`trainer.supervised_config`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import tensorflow as tf
+from absl import logging
 
 from pipeline import paths, streams
 from pipeline.errors import DataError, UsageError
 from trainer import config, distribute, family, init_from, learner, meta_flags, models
-from trainer import pretrain, pretrain_config, tasks
+from trainer import memory_plan, pretrain, pretrain_config, tasks
 from trainer import supervised_config as sc
 
 
@@ -76,11 +78,29 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
                      f"(build the model under a Keras mixed-precision policy instead)")
   _check_init_from(values)
   jit = _jit(values, model.kind)
+  record = sc.record_parts(values, model, meta, manifest)
+  task_chunk = values["task_chunk"]
+  if values["memory_budget"] and values["mode"] != "eval":
+    task_chunk, meta, record["memory_plan"] = _plan_memory(values, image_shape, meta,
+                                                           ep.meta_batch_size // replicas)
   meta_learner = learner.MetaLearner(
       strategy, model, meta, sc.adam_config(values), seed=values["seed"],
       meta_batch_size=ep.meta_batch_size,
       eval_inner_steps=meta_flags.eval_inner_steps(values), jit_compile=jit,
       eval_batch_size=ep.eval_batch_size,
       eval_running_stats=values["eval_norm_stats"] == "running",
-      task_chunk=values["task_chunk"], body_from=values["init_from"])
-  return family.Built(task, meta_learner, jit, sc.record_parts(values, model, meta, manifest))
+      task_chunk=task_chunk, body_from=values["init_from"])
+  return family.Built(task, meta_learner, jit, record)
+
+
+def _plan_memory(values: dict, image_shape, meta, per_replica: int):
+  """--memory_budget: (task chunk, meta config with remat, what config.json keeps)."""
+  if values["task_chunk"] or values["remat"]:
+    raise UsageError("--memory_budget chooses --task_chunk and --remat itself; give either "
+                     "the budget or them")
+  budget = memory_plan.parse_size(values["memory_budget"])
+  plan = memory_plan.choose(values, list(image_shape) if image_shape else None, per_replica,
+                            budget)
+  logging.info("%s", memory_plan.explain(plan, budget))
+  return (plan.chosen.task_chunk, dataclasses.replace(meta, remat=plan.chosen.remat),
+          plan.record(budget))

@@ -124,6 +124,11 @@ _define(flags.DEFINE_integer, "task_chunk", 0, "Memory: compute each replica's m
         "this many tasks at a time (summed: the same meta-gradient), so only one chunk's "
         "activations are alive at once; must divide the tasks per replica. 0: all at once "
         "(fastest).", lower_bound=0, may_change=True)
+_define(flags.DEFINE_string, "memory_budget", "", "Memory: before training, measure task "
+        "chunks and --remat on the device at hand (a probe step each, on one replica's shapes) "
+        "and take the fastest whose peak fits this size (e.g. 16GB, 800MB, 1.5GiB; CPU: the "
+        "process's peak net of its baseline); logs the choice and records it in config.json. "
+        "Excludes --task_chunk and --remat.", may_change=True)
 _define(flags.DEFINE_boolean, "remat", _META.remat, "Memory: keep only each inner step's "
         "inputs for the backward pass and recompute its activations there (the same "
         "meta-gradient; one more forward and inner gradient per step).", may_change=True)

@@ -1,5 +1,5 @@
-"""Resident memory of this process, for the benchmarks (no framework imports: the PyTorch peer
-script uses it too).
+"""Resident memory of this process, for the memory planner (``--memory_budget``) and the
+benchmarks (no framework imports: the PyTorch peer script loads this file by its path).
 
 Why not ``getrusage``'s max RSS alone: it is a high-water mark since the process started, so
 a transient while building the inputs (numpy's float64 draws before the float32 cast were

@@ -108,6 +108,23 @@ def peak_memory_mb(tf) -> tuple[float, str]:
   return process_memory.max_rss_mb(), "max_rss"
 
 
+def timed(tf, step, *args):
+  """(first call s, median s of --steps calls after it, peak MB, its kind, baseline MB): the
+  peak window opens with the process holding TF, the model and the inputs."""
+  import numpy as np
+  baseline = process_memory.start_peak_window()
+  start = time.perf_counter()
+  tf.nest.map_structure(lambda t: t.numpy(), step(*args))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), step(*args))
+    times.append(time.perf_counter() - start)
+  memory, kind = peak_memory_mb(tf)
+  return compile_s, float(np.median(times)), memory, kind, baseline
+
+
 def run_single(spec: str) -> dict:
   import functools
   import numpy as np
@@ -157,17 +174,7 @@ def run_single(spec: str) -> dict:
     phase = meta_learner._phase(0)  # pylint: disable=protected-access
     step = tf.function(lambda p, r, b: meta_learner._meta_gradients(  # pylint: disable=protected-access
         phase, p, r, b, tf.constant(0, tf.int64)))
-  baseline = process_memory.start_peak_window()  # the process with TF, model and inputs
-  start = time.perf_counter()
-  tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(FLAGS.steps):
-    start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), step(params, lrs, inputs))
-    times.append(time.perf_counter() - start)
-  memory, kind = peak_memory_mb(tf)
-  median = float(np.median(times))
+  compile_s, median, memory, kind, baseline = timed(tf, step, params, lrs, inputs)
   variant = "+".join(([f"task_chunk={chunk}"] if chunk else []) +
                      (["remat"] if meta.remat else [])) or "default"
   return {"bench": "meta_step", "case": case, "variant": variant, "order": order,
@@ -229,17 +236,7 @@ def run_pretrain_step(case: str, values: dict, cfg, jit: bool) -> dict:
   labels = tf.constant(rng.integers(0, classes, batch), tf.int32)
   step = tf.function(functools.partial(pretrain._gradients, cfg,  # pylint: disable=protected-access
                                        global_batch=batch), jit_compile=jit)
-  baseline = process_memory.start_peak_window()
-  start = time.perf_counter()
-  tf.nest.map_structure(lambda t: t.numpy(), step(params, images, labels))
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(FLAGS.steps):
-    start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), step(params, images, labels))
-    times.append(time.perf_counter() - start)
-  memory, kind = peak_memory_mb(tf)
-  median = float(np.median(times))
+  compile_s, median, memory, kind, baseline = timed(tf, step, params, images, labels)
   return {"bench": "pretrain_step", "case": case, "variant": "default", "jit_compile": jit,
           "batch_size": batch, "classes": classes, "seconds_per_step": round(median, 4),
           "images_per_s": round(batch / median, 1), "first_call_s": round(compile_s, 2),

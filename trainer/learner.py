@@ -202,14 +202,19 @@ class MetaLearner:
 
   @tf.function
   def eval_step(self, batch):
-    """Results of every replica, on every worker (``gather`` crosses workers too)."""
-    losses, metrics, valid, ids = self.strategy.run(self._replica_eval_step, (batch,))
-    return (self.strategy.gather(losses, axis=1), self.strategy.gather(metrics, axis=1),
-            self.strategy.gather(valid, axis=0), self.strategy.gather(ids, axis=0))
+    return gather_replicas(self.strategy, self._replica_eval_step, batch)
 
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode query loss and metric after 0..eval_inner_steps steps, ``[steps+1, n]``."""
     return collect_episodes(self.eval_step, dataset)
+
+
+def gather_replicas(strategy: tf.distribute.Strategy, replica_step, batch):
+  """``replica_step(batch)``'s (losses, metrics ``[S+1, b]``, valid, episode ids) of every
+  replica, on every worker (``gather`` crosses workers too)."""
+  losses, metrics, valid, ids = strategy.run(replica_step, (batch,))
+  return (strategy.gather(losses, axis=1), strategy.gather(metrics, axis=1),
+          strategy.gather(valid, axis=0), strategy.gather(ids, axis=0))
 
 
 def collect_episodes(eval_step, dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from pipeline.errors import UsageError
 from trainer import family, init_from, models, optim
 from trainer import pretrain_config as pc
 from trainer import supervised_config as sc
-from trainer.learner import SUM, collect_episodes
+from trainer.learner import SUM, collect_episodes, gather_replicas
 from trainer.tasks import FewShotClassification, distributed
 
 
@@ -181,9 +181,7 @@ class PretrainLearner:
 
   @tf.function
   def eval_step(self, batch):
-    losses, metrics, valid, ids = self.strategy.run(self._replica_eval_step, (batch,))
-    return (self.strategy.gather(losses, axis=1), self.strategy.gather(metrics, axis=1),
-            self.strategy.gather(valid, axis=0), self.strategy.gather(ids, axis=0))
+    return gather_replicas(self.strategy, self._replica_eval_step, batch)
 
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode nearest-centroid query loss and accuracy, ``[1, episodes]``."""

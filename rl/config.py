@@ -12,12 +12,13 @@ import json
 from absl import flags
 
 from pipeline.errors import UsageError
-from rl import maml_rl
+from rl import estimators, maml_rl, promp
 from trainer import meta_flags
 from trainer.flag_groups import FlagGroup
 
 RL = FlagGroup("meta-reinforcement learning", __name__)
 _TRPO = maml_rl.TRPOConfig
+_PROMP = promp.ProMPConfig
 _define = RL.define
 
 _define(flags.DEFINE_string, "env", "2DNavigation-v0", "RL task family: 2DNavigation-v0, "
@@ -41,8 +42,25 @@ _define(flags.DEFINE_integer, "horizon", 0, "Episode length (0: the task family'
         "navigation, 200 locomotion, 10 bandits/MDPs).", lower_bound=0)
 _define(flags.DEFINE_float, "gamma", 0.99, "Discount.", lower_bound=0.0, upper_bound=1.0)
 _define(flags.DEFINE_float, "gae_lambda", 1.0, "GAE lambda.", lower_bound=0.0, upper_bound=1.0)
-_define(flags.DEFINE_enum, "outer_optimizer", "trpo", ["trpo", "adam"],
-        "Meta-optimizer for RL.")
+_define(flags.DEFINE_enum, "outer_optimizer", "trpo", ["trpo", "adam", "promp"],
+        "Meta-optimizer for RL: trpo (MAML-TRPO, the paper's), adam (one Adam step on the "
+        "surrogate), promp (ProMP: --promp_steps Adam steps at --meta_lr on the clipped "
+        "surrogate with a KL penalty on each inner step; rl/promp.py).")
+_define(flags.DEFINE_enum, "inner_estimator", "reinforce", list(estimators.INNER_ESTIMATORS),
+        "How the inner step's policy gradient is differentiated for the meta-gradient (the same "
+        "step; rl/estimators.py): reinforce (MAML-TRPO's: no term through the pre-update "
+        "sampling distribution), dice (every such term: the return's unbiased Hessian), lvc "
+        "(ProMP's low-variance curvature: the same-step terms only).")
+_define(flags.DEFINE_integer, "promp_steps", _PROMP.steps, "ProMP: Adam steps per batch of "
+        "samples.", lower_bound=1)
+_define(flags.DEFINE_float, "clip_eps", _PROMP.clip_eps, "ProMP: the likelihood ratio's clip "
+        "range (1 - eps, 1 + eps).", lower_bound=0.0)
+_define(flags.DEFINE_float, "inner_kl_penalty", _PROMP.inner_kl_penalty, "ProMP: the initial "
+        "weight of KL(sampling || current) of each inner step's pre-update policy.",
+        lower_bound=0.0)
+_define(flags.DEFINE_float, "inner_kl_target", _PROMP.inner_kl_target, "ProMP: > 0 adapts each "
+        "inner step's KL weight towards this KL after every iteration (halved below 1/1.5 of "
+        "it, doubled above 1.5 x); 0 keeps it fixed.", lower_bound=0.0)
 _define(flags.DEFINE_float, "max_kl", _TRPO.max_kl, "TRPO KL bound.", lower_bound=0.0)
 _define(flags.DEFINE_integer, "cg_iters", _TRPO.cg_iters, "TRPO conjugate-gradient "
         "iterations.", lower_bound=1)
@@ -54,6 +72,11 @@ _define(flags.DEFINE_float, "ls_backtrack_ratio", _TRPO.ls_backtrack_ratio, "TRP
         "step ratio.", lower_bound=0.0, upper_bound=1.0)
 _define(flags.DEFINE_integer, "num_workers", 0, "Rollout worker processes (0: in-process).",
         lower_bound=0, may_change=True)
+
+
+PROMP_FLAGS = {"promp_steps": _PROMP.steps, "clip_eps": _PROMP.clip_eps,
+               "inner_kl_penalty": _PROMP.inner_kl_penalty,
+               "inner_kl_target": _PROMP.inner_kl_target}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +93,11 @@ class RLConfig:
   first_order: bool
   gamma: float
   gae_lambda: float
-  outer_optimizer: str  # "trpo" or "adam"
-  meta_lr: float  # adam only
+  outer_optimizer: str  # "trpo", "adam" or "promp"
+  meta_lr: float  # adam and promp
   trpo: maml_rl.TRPOConfig
+  inner_estimator: str = "reinforce"
+  promp: promp.ProMPConfig = promp.ProMPConfig()
 
 
 def rl_config(values: dict, horizon: int) -> RLConfig:
@@ -87,7 +112,17 @@ def rl_config(values: dict, horizon: int) -> RLConfig:
       gamma=values["gamma"], gae_lambda=values["gae_lambda"],
       outer_optimizer=values["outer_optimizer"], meta_lr=values["meta_lr"],
       trpo=maml_rl.TRPOConfig(values["max_kl"], values["cg_iters"], values["cg_damping"],
-                              values["ls_max_steps"], values["ls_backtrack_ratio"]))
+                              values["ls_max_steps"], values["ls_backtrack_ratio"]),
+      inner_estimator=values["inner_estimator"],
+      promp=promp.ProMPConfig(values["promp_steps"], values["clip_eps"],
+                              values["inner_kl_penalty"], values["inner_kl_target"]))
+  if cfg.outer_optimizer != "promp":
+    changed = [f"--{name}={values[name]}" for name, default in PROMP_FLAGS.items()
+               if values[name] != default]
+    if changed:
+      raise UsageError(f"{', '.join(changed)}: ProMP's settings, read only with "
+                       f"--outer_optimizer=promp (this run: --outer_optimizer="
+                       f"{cfg.outer_optimizer})")
   environments = cfg.meta_batch_size * cfg.rollouts_per_task
   if environments % cfg.eval_rollouts_per_task:
     raise UsageError(f"--eval_rollouts_per_task={cfg.eval_rollouts_per_task} must divide "

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from rl import maml_rl, policies, returns
+from rl import maml_rl, policies, promp, returns
 from rl.config import RLConfig
 from rl.sampler import Rollouts, VectorSampler
 from trainer import maml, optim
@@ -28,12 +28,21 @@ class RLMetaLearner:
     self.strategy, self.cfg, self.policy, self.sampler = strategy, cfg, policy, sampler
     with strategy.scope():
       self.params = {k: tf.Variable(v, name=k) for k, v in policies.init_params(policy, seed).items()}
-      # TRPO needs no optimizer state, only the iteration count; Adam keeps its own.
+      # TRPO needs no optimizer state, only the iteration count; Adam keeps its own (ProMP's
+      # Adam takes several steps per iteration, so it counts iterations apart).
       self.optimizer = (optim.Adam(optim.AdamConfig(cfg.meta_lr), self.params)
-                        if cfg.outer_optimizer == "adam" else None)
-      self._iterations = (self.optimizer.iterations if self.optimizer else
+                        if cfg.outer_optimizer in ("adam", "promp") else None)
+      self._iterations = (self.optimizer.iterations if cfg.outer_optimizer == "adam" else
                           tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations"))
-    self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order)
+      self._kl_coeff = (tf.Variable(np.full(cfg.inner_steps, cfg.promp.inner_kl_penalty,
+                                            np.float32), trainable=False, name="inner_kl_coeff")
+                        if cfg.outer_optimizer == "promp" else None)
+    inner = dict(estimator=cfg.inner_estimator, horizon=cfg.horizon)
+    self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order, **inner)
+    self._promp = (promp.ProMPStep(policy, cfg.promp, inner_lr=cfg.inner_lr,
+                                   inner_steps=cfg.inner_steps, first_order=cfg.first_order,
+                                   optimizer=self.optimizer, kl_coeff=self._kl_coeff, **inner)
+                   if cfg.outer_optimizer == "promp" else None)
     self._adapt = tf.function(lambda p, pre: maml_rl.adapt(policy, p, pre, cfg.inner_lr, True))
     self._eval_adapt = tf.function(lambda p, pre: maml_rl.adapt(
         policy, p, pre, cfg.inner_lr, True, later_lr_scale=cfg.eval_later_lr_scale))
@@ -57,6 +66,10 @@ class RLMetaLearner:
 
   def checkpoint_items(self) -> dict:
     # Under "optimizer/iterations" for TRPO too, where checkpoints have always kept the count.
+    if self.cfg.outer_optimizer == "promp":
+      return {"params": self.params, "optimizer": {"iterations": self._iterations,
+                                                   "adam": self.optimizer.state(),
+                                                   "inner_kl_coeff": self._kl_coeff}}
     state = self.optimizer.state() if self.optimizer else {"iterations": self._iterations}
     return {"params": self.params, "optimizer": state}
 
@@ -142,6 +155,10 @@ class RLMetaLearner:
         v.assign(new[k])
       self._iterations.assign_add(1)
       surrogate, trpo = info["surrogate_before"], info  # the surrogate before the update
+    elif self.cfg.outer_optimizer == "promp":
+      info = self._promp(self.params, pre, post)
+      self._iterations.assign_add(1)
+      surrogate, trpo = info["surrogate_before"], None
     else:
       old_logp, old_dist = self._trpo.old_policy(params, pre, post)
       grads, surrogate, _ = self._trpo.gradient(params, pre, post, old_logp, old_dist)
@@ -154,6 +171,10 @@ class RLMetaLearner:
       # KL between the post-update policies before and after the step (0 if none was
       # accepted), and the share of iterations whose line search accepted a step.
       metrics["kl"], metrics["step_accepted"] = trpo["kl"], trpo["accepted"]
+    if self.cfg.outer_optimizer == "promp":
+      # The clipped objective after the update, and each inner step's KL to its sampler.
+      metrics["surrogate_after"] = info["surrogate_after"]
+      metrics["inner_kl"], metrics["inner_kl_coeff"] = info["inner_kl"], info["inner_kl_coeff"]
     if "log_std" in self.params:  # Gaussian policies: the exploration left to adapt with
       metrics["policy_std"] = float(tf.reduce_mean(tf.exp(self.params["log_std"])))
     return metrics

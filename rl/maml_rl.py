@@ -14,7 +14,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from rl import policies
+from rl import estimators, policies
 from trainer import maml
 
 
@@ -27,32 +27,45 @@ class TRPOConfig:
   ls_backtrack_ratio: float = 0.5
 
 
-def _masked_mean(x, mask):
-  return tf.reduce_sum(x * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+_masked_mean = estimators.masked_mean
 
 
 def inner_losses(cfg: policies.PolicyConfig, fast: dict, batch: dict) -> tf.Tensor:
-  """REINFORCE loss of each task ``[M]``: -E[log pi(a|s) A]."""
-  logp = policies.log_prob(cfg, fast, batch["obs"], batch["actions"])
-  return -_masked_mean(logp * batch["advantages"], batch["mask"])
+  """REINFORCE loss of each task ``[M]``: -E[log pi(a|s) A] (MAML-TRPO's inner objective)."""
+  return estimators.inner_losses(cfg, fast, batch)
+
+
+def adapt_all(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool,
+              later_lr_scale: float = 1.0, estimator: str = "reinforce",
+              horizon: int | None = None) -> list[dict]:
+  """Per-task parameters before and after each inner step (one per batch in
+  ``pre_batches``): ``[theta, theta_1, ...]``. Steps after the first at ``inner_lr *
+  later_lr_scale`` (the original's RL test scripts halved them); ``estimator`` is the inner
+  objective's (:mod:`rl.estimators`): the same step, another second derivative."""
+  fast = maml.tile(params, pre_batches[0]["obs"].shape[0])
+  chain = [fast]
+  for i, batch in enumerate(pre_batches):
+    lr = inner_lr * (later_lr_scale if i else 1.0)
+    loss = lambda f, b=batch: (tf.reduce_sum(estimators.inner_losses(cfg, f, b, estimator,
+                                                                     horizon)), None)
+    fast, _ = maml.sgd_step(fast, loss, {k: lr for k in fast}, first_order=first_order)
+    chain.append(fast)
+  return chain
 
 
 def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_order: bool,
-          later_lr_scale: float = 1.0):
-  """Per-task parameters after one inner step per batch in ``pre_batches``; steps after the
-  first at ``inner_lr * later_lr_scale`` (the original's RL test scripts halved them)."""
-  fast = maml.tile(params, pre_batches[0]["obs"].shape[0])
-  for i, batch in enumerate(pre_batches):
-    lr = inner_lr * (later_lr_scale if i else 1.0)
-    fast, _ = maml.sgd_step(fast, lambda f, b=batch: (tf.reduce_sum(inner_losses(cfg, f, b)),
-                                                      None), {k: lr for k in fast},
-                            first_order=first_order)
-  return fast
+          later_lr_scale: float = 1.0, estimator: str = "reinforce",
+          horizon: int | None = None):
+  """Per-task parameters after one inner step per batch in ``pre_batches`` (:func:`adapt_all`)."""
+  return adapt_all(cfg, params, pre_batches, inner_lr, first_order, later_lr_scale, estimator,
+                   horizon)[-1]
 
 
-def surrogate_and_kl(cfg, params, pre_batches, post, old_logp, old_dist, inner_lr, first_order):
+def surrogate_and_kl(cfg, params, pre_batches, post, old_logp, old_dist, inner_lr, first_order,
+                     estimator="reinforce", horizon=None):
   """Mean over tasks of the surrogate loss and of KL(old || new) on the post-update rollouts."""
-  fast = adapt(cfg, params, pre_batches, inner_lr, first_order)
+  fast = adapt(cfg, params, pre_batches, inner_lr, first_order, estimator=estimator,
+               horizon=horizon)
   logp = policies.log_prob(cfg, fast, post["obs"], post["actions"])
   ratio = tf.exp(logp - old_logp)
   surrogate = tf.reduce_mean(-_masked_mean(ratio * post["advantages"], post["mask"]))
@@ -90,15 +103,15 @@ class TRPOStep:
   """Compiled pieces of one TRPO meta-update; shapes are fixed per configuration."""
 
   def __init__(self, cfg: policies.PolicyConfig, trpo: TRPOConfig, inner_lr: float,
-               first_order: bool):
+               first_order: bool, estimator: str = "reinforce", horizon: int | None = None):
     self.cfg, self.trpo = cfg, trpo
     objective = lambda p, pre, post, old_logp, old_dist: surrogate_and_kl(
-        cfg, p, pre, post, old_logp, old_dist, inner_lr, first_order)
+        cfg, p, pre, post, old_logp, old_dist, inner_lr, first_order, estimator, horizon)
     self.objective = tf.function(objective)
 
     @tf.function
     def old_policy(params, pre, post):
-      fast = adapt(cfg, params, pre, inner_lr, first_order)
+      fast = adapt(cfg, params, pre, inner_lr, first_order, estimator=estimator, horizon=horizon)
       return (policies.log_prob(cfg, fast, post["obs"], post["actions"]),
               policies.distribution(cfg, fast, post["obs"]))
 

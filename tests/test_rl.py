@@ -345,6 +345,33 @@ def test_evaluation_rollouts_that_do_not_divide_the_sampler_are_refused_by_name(
     rl_family.build(values, tf.distribute.get_strategy())
 
 
+def test_promp_settings_without_promp_are_refused_by_name():
+  from pipeline.errors import UsageError
+
+  values = dict(config.default_values(), dataset="rl", env="2DNavigation-v0", meta_batch_size=4,
+                rollouts_per_task=2, clip_eps=0.2)
+  with pytest.raises(UsageError, match=r"^--clip_eps=0.2: ProMP's settings, read only with "
+                                       r"--outer_optimizer=promp \(this run: "
+                                       r"--outer_optimizer=trpo\)$"):
+    rl_family.build(values, tf.distribute.get_strategy())
+
+
+def test_a_promp_meta_iteration_checkpoints_its_kl_weights_and_counts_one_iteration():
+  values = dict(config.default_values(), dataset="rl", env="2DNavigation-v0", meta_batch_size=2,
+                rollouts_per_task=2, horizon=5, hidden_sizes="8", outer_optimizer="promp",
+                inner_estimator="lvc", promp_steps=2, inner_kl_target=1e-6)
+  meta = rl_family.build(values, tf.distribute.get_strategy()).learner
+  before = {k: v.numpy().copy() for k, v in meta.params.items()}
+  metrics = meta.meta_iteration(envs.Navigation2D().sample_tasks(2, np.random.default_rng(0)), 7)
+  assert int(meta.step) == 1 and int(meta.optimizer.iterations) == 2
+  assert {"surrogate_after", "inner_kl", "inner_kl_coeff"} <= set(metrics)
+  # The KL is far above the tiny target after two Adam steps: its weight doubled.
+  assert metrics["inner_kl_coeff"] == pytest.approx(2 * 5e-4)
+  items = meta.checkpoint_items()["optimizer"]
+  assert set(items) == {"iterations", "adam", "inner_kl_coeff"}
+  assert any(np.abs(v.numpy() - before[k]).max() > 0 for k, v in meta.params.items())
+
+
 def test_trpo_step_improves_the_surrogate_within_the_kl_bound():
   cfg = policies.PolicyConfig("gaussian", 2, 2, (16, 16))
   params = policies.init_params(cfg, 0)

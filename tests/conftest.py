@@ -4,6 +4,8 @@ the ``real_data`` marker on every test that uses the real datasets; two logical 
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,28 @@ def pytest_collection_modifyitems(items):
       item.add_marker(pytest.mark.real_data)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+  """``build(out)``'s records, made by the first pytest worker that needs them and read by the
+  others (under pytest-xdist every worker has its own session; the real datasets take a minute
+  of CPU each to build). Tests only read them. The builder renames its output into place when
+  complete, so an existing manifest means finished records."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the basetemp all workers share
+  out = root / "shared-records" / name
+  with open(root / f"shared-records-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (out / "manifest.json").exists():
+      out.parent.mkdir(parents=True, exist_ok=True)
+      build(out)
+  return out
+
+
 @pytest.fixture(scope="session")
 def omniglot_records(tmp_path_factory) -> Path:
-  """The full real Omniglot, built once per session with the default (multi-process) runner."""
-  out = tmp_path_factory.mktemp("records") / "omniglot"
-  datasets.build_dataset("omniglot", source=real_dataset("omniglot"), output=out)
-  return out
+  """The full real Omniglot, built once with the default (multi-process) runner."""
+  return built_once(tmp_path_factory, "omniglot", lambda out: datasets.build_dataset(
+      "omniglot", source=real_dataset("omniglot"), output=out))
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +88,6 @@ def cifar_records(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def mini_records(tmp_path_factory) -> Path:
-  out = tmp_path_factory.mktemp("records") / "miniimagenet"
-  datasets.build_dataset("miniimagenet", source=real_dataset("miniimagenet_subset"), output=out,
-                         beam_args=FAST_BEAM)
-  return out
+  return built_once(tmp_path_factory, "miniimagenet", lambda out: datasets.build_dataset(
+      "miniimagenet", source=real_dataset("miniimagenet_subset"), output=out,
+      beam_args=FAST_BEAM))

@@ -1,8 +1,8 @@
 """The exported adapt-and-predict SavedModel and tools/predict.py, end to end.
 
 A briefly trained model of each kind (original MAML settings, MAML++ with per-step norm
-parameters and learned rates, ANIL on 3-channel images, a narrow ResNet-12 with a shared head, a
-user's Keras model)
+parameters and learned rates, ANIL with a narrow ResNet-12 and a shared head on 3-channel images,
+a user's Keras model)
 is exported with the command line, then
 loaded in a fresh interpreter that cannot import this repository, and its predictions on test
 episodes are checked against the trainer's own meta-test of the same episodes.
@@ -37,13 +37,12 @@ CASES = {
         "configs/mamlpp_omniglot_5w1s.cfg", "omniglot",
         ["--num_filters=16", "--inner_steps=2", "--eval_inner_steps=3", "--msl_iterations=4",
          "--eval_norm_stats=running"]),
-    "mini_anil": ("configs/anil_mini_5w1s.cfg", "miniimagenet",
-                  ["--eval_inner_steps=4", "--meta_batch_size=2"]),
-    # The built-in ResNet-12, narrow (widths 8-8-16-16), on MiniImagenet's 84 x 84 x 3, with
-    # UNICORN-MAML's shared head (one vector copied to every output when a task starts).
-    "mini_resnet12": ("configs/mini_5w1s.cfg", "miniimagenet",
-                      ["--model=resnet12", "--resnet_widths=8,8,16,16", "--features=mean",
-                       "--shared_head", "--meta_batch_size=2", "--eval_inner_steps=2"]),
+    # ANIL (head-only adaptation on body features computed once) with the built-in ResNet-12,
+    # narrow (widths 8-8-16-16), on MiniImagenet's 84 x 84 x 3, with UNICORN-MAML's shared head
+    # (one vector copied to every output when a task starts).
+    "mini_resnet12_anil": ("configs/anil_mini_5w1s.cfg", "miniimagenet",
+                           ["--model=resnet12", "--resnet_widths=8,8,16,16", "--features=mean",
+                            "--shared_head", "--meta_batch_size=2", "--eval_inner_steps=3"]),
     # A user's Keras model from a file outside the repository; moved away before the export
     # is loaded, so the export must stand without it.
     "omniglot_keras": ("configs/omniglot_5w1s.cfg", "omniglot",

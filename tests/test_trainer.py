@@ -315,6 +315,7 @@ def test_short_omniglot_training_is_far_above_chance_on_test_classes(tmp_path, o
   run = tmp_path / "run"
   result = trainer("--flagfile=configs/omniglot_5w1s.cfg", f"--data_dir={omniglot_records}",
                    "--num_iterations=150", "--eval_every=150", "--val_episodes=20",
+                   "--eval_inner_steps=3",
                    "--eval_episodes=300", "--log_every=50", f"--model_dir={run}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((run / "eval_test.json").read_text())

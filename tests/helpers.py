@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,9 +47,34 @@ def mirrored_over_two_cpus():
 
 
 def trainer(*args, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
-  """``python -m trainer.main ARGS`` from the repository root, output captured."""
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=timeout, env=env, **kwargs)
+  """``python -m trainer.main ARGS`` from the repository root, output captured.
+
+  A run killed by a signal it did not ask for (a segmentation fault inside TensorFlow's
+  runtime: seen once in CI, in a 20-step sinusoid run, not reproduced in 19 runs of the same
+  command) is reported with the crashing thread's stack (faulthandler's, which absl turns on)
+  in the test's captured output and a warning, and run once more: the test then pins what the
+  run does, not a rare crash of the runtime. A second crash fails the test.
+  """
+  command = [sys.executable, "-m", "trainer.main", *args]
+  run = lambda: subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                               timeout=timeout, env=env, **kwargs)
+  result = run()
+  if result.returncode < 0:
+    report = crash_report(result)
+    print(report)
+    warnings.warn(f"trainer.main died of signal {-result.returncode}; run again "
+                  f"(stack in the captured output): {' '.join(args)[:300]}")
+    result = run()
+    if result.returncode < 0:
+      result.stderr = crash_report(result) + "\n" + result.stderr[-2000:]
+  return result
+
+
+def crash_report(result: subprocess.CompletedProcess) -> str:
+  """faulthandler's report of a crashed run, the crashing thread first."""
+  start = result.stderr.find("Fatal Python error")
+  text = result.stderr[start:] if start >= 0 else result.stderr[-4000:]
+  return f"trainer.main died of signal {-result.returncode}:\n{text[:6000]}"
 
 
 def checkpoint_step(model_dir: Path) -> int:

@@ -51,6 +51,11 @@ _define(flags.DEFINE_enum, "inner_estimator", "reinforce", list(estimators.INNER
         "step; rl/estimators.py): reinforce (MAML-TRPO's: no term through the pre-update "
         "sampling distribution), dice (every such term: the return's unbiased Hessian), lvc "
         "(ProMP's low-variance curvature: the same-step terms only).")
+_define(flags.DEFINE_float, "emaml_weight", 0.0, "E-MAML (Stadie et al. 2018): > 0 adds this "
+        "times the score-function term through the pre-update sampling distribution, "
+        "E[post-update return x grad log pi(pre-update episodes)], to the meta-gradient (the "
+        "returns centred and scaled over the meta-batch's tasks); 0: MAML's objective. Works "
+        "with every --outer_optimizer and --inner_estimator.", lower_bound=0.0)
 _define(flags.DEFINE_integer, "promp_steps", _PROMP.steps, "ProMP: Adam steps per batch of "
         "samples.", lower_bound=1)
 _define(flags.DEFINE_float, "clip_eps", _PROMP.clip_eps, "ProMP: the likelihood ratio's clip "
@@ -98,6 +103,7 @@ class RLConfig:
   trpo: maml_rl.TRPOConfig
   inner_estimator: str = "reinforce"
   promp: promp.ProMPConfig = promp.ProMPConfig()
+  emaml_weight: float = 0.0  # E-MAML's score-function term (0: off)
 
 
 def rl_config(values: dict, horizon: int) -> RLConfig:
@@ -113,7 +119,7 @@ def rl_config(values: dict, horizon: int) -> RLConfig:
       outer_optimizer=values["outer_optimizer"], meta_lr=values["meta_lr"],
       trpo=maml_rl.TRPOConfig(values["max_kl"], values["cg_iters"], values["cg_damping"],
                               values["ls_max_steps"], values["ls_backtrack_ratio"]),
-      inner_estimator=values["inner_estimator"],
+      inner_estimator=values["inner_estimator"], emaml_weight=values["emaml_weight"],
       promp=promp.ProMPConfig(values["promp_steps"], values["clip_eps"],
                               values["inner_kl_penalty"], values["inner_kl_target"]))
   if cfg.outer_optimizer != "promp":

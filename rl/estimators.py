@@ -19,7 +19,13 @@ uses:
   per-step likelihood ratio against the sampling policy. Its Hessian keeps the ``t = t'`` outer
   products and drops the others: biased for horizons above one, with lower variance.
 
-``tests/test_rl_estimators.py`` pins all three against the exact Hessian by enumeration.
+Every estimator above differentiates MAML's objective, ``E_tau[J(theta'(tau))]`` with the
+pre-update rollouts ``tau`` held fixed in the derivative's second argument ("formulation I" of
+ProMP's paper). E-MAML (Stadie et al. 2018) differentiates the expectation over ``tau`` as well
+("formulation II"): its extra term ``E[J(theta') grad log pi_theta(tau)]`` credits the pre-update
+policy with the return its samples lead to after adaptation (:func:`emaml_loss`).
+
+``tests/test_rl_estimators.py`` pins all of them against exact answers by enumeration.
 """
 
 from __future__ import annotations
@@ -70,6 +76,23 @@ def inner_losses(cfg: policies.PolicyConfig, fast: dict, batch: dict,
   logp = policies.log_prob(cfg, fast, batch["obs"], batch["actions"])
   weights = score_weights(estimator, logp, batch, horizon)
   return -masked_mean(weights * batch["advantages"], batch["mask"])
+
+
+def emaml_loss(cfg: policies.PolicyConfig, fasts: list[dict], pre_batches: list[dict],
+               scores: tf.Tensor, horizon: int) -> tf.Tensor:
+  """E-MAML's score-function term as a loss: ``-mean_m(scores_m (S_m - stop(S_m)))``, with
+  ``S_m`` the mean over task ``m``'s pre-update episodes of their log-probability under the
+  policy that sampled them (``fasts[i]`` for ``pre_batches[i]``). Zero in value, so adding it
+  leaves a line search's comparisons alone; its gradient is ``-mean_m(scores_m grad S_m)``.
+  ``scores [M]``: each task's post-update return (the learner centres and scales it over the
+  tasks, a baseline that keeps the term unbiased).
+  """
+  total = 0.0
+  for fast, batch in zip(fasts, pre_batches):
+    logp = policies.log_prob(cfg, fast, batch["obs"], batch["actions"])
+    episodes = tf.cast(tf.shape(logp)[1] // horizon, logp.dtype)
+    total += tf.reduce_sum(logp * batch["mask"], axis=1) / episodes
+  return -tf.reduce_mean(tf.stop_gradient(scores) * (total - tf.stop_gradient(total)))
 
 
 def clipped_surrogate(logp, old_logp, advantages, mask, clip_eps: float) -> tf.Tensor:

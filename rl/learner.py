@@ -19,6 +19,14 @@ from rl.sampler import Rollouts, VectorSampler
 from trainer import maml, optim
 
 
+def emaml_scores(post_returns: np.ndarray) -> np.ndarray:
+  """Each task's mean post-update return minus the meta-batch's mean, over their spread: the
+  baseline adds no bias to E-MAML's term (a pre-update score has mean zero in every task) and
+  the scale makes ``--emaml_weight`` independent of the task family's reward units."""
+  centred = post_returns - post_returns.mean()
+  return centred / (centred.std() + 1e-8)
+
+
 class RLMetaLearner:
   def __init__(self, strategy: tf.distribute.Strategy, cfg: RLConfig,
                policy: policies.PolicyConfig, sampler: VectorSampler, *, seed: int):
@@ -38,10 +46,12 @@ class RLMetaLearner:
                                             np.float32), trainable=False, name="inner_kl_coeff")
                         if cfg.outer_optimizer == "promp" else None)
     inner = dict(estimator=cfg.inner_estimator, horizon=cfg.horizon)
-    self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order, **inner)
+    self._trpo = maml_rl.TRPOStep(policy, cfg.trpo, cfg.inner_lr, cfg.first_order,
+                                  emaml_weight=cfg.emaml_weight, **inner)
     self._promp = (promp.ProMPStep(policy, cfg.promp, inner_lr=cfg.inner_lr,
                                    inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                                   optimizer=self.optimizer, kl_coeff=self._kl_coeff, **inner)
+                                   optimizer=self.optimizer, kl_coeff=self._kl_coeff,
+                                   emaml_weight=cfg.emaml_weight, **inner)
                    if cfg.outer_optimizer == "promp" else None)
     self._adapt = tf.function(lambda p, pre: maml_rl.adapt(policy, p, pre, cfg.inner_lr, True))
     self._eval_adapt = tf.function(lambda p, pre: maml_rl.adapt(
@@ -147,6 +157,8 @@ class RLMetaLearner:
   def meta_iteration(self, tasks: list[dict], seed: int) -> dict:
     batches, rets = self._adapt_and_roll(tasks, seed, self.cfg.inner_steps)
     pre, post = batches[:-1], batches[-1]
+    if self.cfg.emaml_weight:  # E-MAML's scores: post-update returns, centred and scaled
+      post = dict(post, emaml_scores=tf.constant(emaml_scores(rets[-1]), tf.float32))
     params = {k: tf.identity(v) for k, v in self.params.items()}
     inner_loss = float(tf.reduce_mean(self._inner_losses(params, pre[0])))
     if self.cfg.outer_optimizer == "trpo":

@@ -62,13 +62,19 @@ def adapt(cfg, params: dict, pre_batches: list[dict], inner_lr: float, first_ord
 
 
 def surrogate_and_kl(cfg, params, pre_batches, post, old_logp, old_dist, inner_lr, first_order,
-                     estimator="reinforce", horizon=None):
-  """Mean over tasks of the surrogate loss and of KL(old || new) on the post-update rollouts."""
-  fast = adapt(cfg, params, pre_batches, inner_lr, first_order, estimator=estimator,
-               horizon=horizon)
+                     estimator="reinforce", horizon=None, emaml_weight=0.0):
+  """Mean over tasks of the surrogate loss and of KL(old || new) on the post-update rollouts.
+  ``emaml_weight > 0`` adds E-MAML's term (:func:`rl.estimators.emaml_loss`, zero in value) on
+  ``post["emaml_scores"]``."""
+  chain = adapt_all(cfg, params, pre_batches, inner_lr, first_order, estimator=estimator,
+                    horizon=horizon)
+  fast = chain[-1]
   logp = policies.log_prob(cfg, fast, post["obs"], post["actions"])
   ratio = tf.exp(logp - old_logp)
   surrogate = tf.reduce_mean(-_masked_mean(ratio * post["advantages"], post["mask"]))
+  if emaml_weight:
+    surrogate += emaml_weight * estimators.emaml_loss(cfg, chain[:-1], pre_batches,
+                                                      post["emaml_scores"], horizon)
   kl = policies.kl(cfg, old_dist, policies.distribution(cfg, fast, post["obs"]))
   return surrogate, tf.reduce_mean(_masked_mean(kl, post["mask"]))
 
@@ -103,10 +109,12 @@ class TRPOStep:
   """Compiled pieces of one TRPO meta-update; shapes are fixed per configuration."""
 
   def __init__(self, cfg: policies.PolicyConfig, trpo: TRPOConfig, inner_lr: float,
-               first_order: bool, estimator: str = "reinforce", horizon: int | None = None):
+               first_order: bool, estimator: str = "reinforce", horizon: int | None = None,
+               emaml_weight: float = 0.0):
     self.cfg, self.trpo = cfg, trpo
     objective = lambda p, pre, post, old_logp, old_dist: surrogate_and_kl(
-        cfg, p, pre, post, old_logp, old_dist, inner_lr, first_order, estimator, horizon)
+        cfg, p, pre, post, old_logp, old_dist, inner_lr, first_order, estimator, horizon,
+        emaml_weight)
     self.objective = tf.function(objective)
 
     @tf.function

@@ -35,7 +35,7 @@ class ProMPStep:
 
   def __init__(self, policy: policies.PolicyConfig, cfg: ProMPConfig, *, inner_lr: float,
                inner_steps: int, first_order: bool, estimator: str, horizon: int,
-               optimizer: optim.Adam, kl_coeff: tf.Variable):
+               optimizer: optim.Adam, kl_coeff: tf.Variable, emaml_weight: float = 0.0):
     self.cfg, self.kl_coeff = cfg, kl_coeff
     chain = lambda p, pre: maml_rl.adapt_all(policy, p, pre, inner_lr, first_order,
                                              estimator=estimator, horizon=horizon)
@@ -58,7 +58,11 @@ class ProMPStep:
           tf.reduce_mean(estimators.masked_mean(
               policies.kl(policy, old, policies.distribution(policy, f, b["obs"])), b["mask"]))
           for f, b, old in zip(fasts, pre, pre_dist)])
-      return surrogate + tf.reduce_mean(self.kl_coeff * inner_kls), surrogate, inner_kls
+      loss = surrogate + tf.reduce_mean(self.kl_coeff * inner_kls)
+      if emaml_weight:  # E-MAML's term (zero in value; rl/estimators.py)
+        loss += emaml_weight * estimators.emaml_loss(policy, fasts[:-1], pre,
+                                                     post["emaml_scores"], horizon)
+      return loss, surrogate, inner_kls
 
     @tf.function
     def update(params, pre, post, pre_dist, post_logp):

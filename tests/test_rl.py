@@ -15,7 +15,7 @@ import tensorflow as tf
 from rl import envs, learner, maml_rl, policies, returns
 from rl import config as rl_config
 from rl import family as rl_family
-from trainer import config
+from trainer import config, maml
 from rl.sampler import VectorSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,9 +357,10 @@ def test_promp_settings_without_promp_are_refused_by_name():
 
 
 def test_a_promp_meta_iteration_checkpoints_its_kl_weights_and_counts_one_iteration():
+  """(With E-MAML's term, whose scores the learner puts in the post-update batch.)"""
   values = dict(config.default_values(), dataset="rl", env="2DNavigation-v0", meta_batch_size=2,
                 rollouts_per_task=2, horizon=5, hidden_sizes="8", outer_optimizer="promp",
-                inner_estimator="lvc", promp_steps=2, inner_kl_target=1e-6)
+                inner_estimator="lvc", promp_steps=2, inner_kl_target=1e-6, emaml_weight=0.3)
   meta = rl_family.build(values, tf.distribute.get_strategy()).learner
   before = {k: v.numpy().copy() for k, v in meta.params.items()}
   metrics = meta.meta_iteration(envs.Navigation2D().sample_tasks(2, np.random.default_rng(0)), 7)
@@ -370,6 +371,35 @@ def test_a_promp_meta_iteration_checkpoints_its_kl_weights_and_counts_one_iterat
   items = meta.checkpoint_items()["optimizer"]
   assert set(items) == {"iterations", "adam", "inner_kl_coeff"}
   assert any(np.abs(v.numpy() - before[k]).max() > 0 for k, v in meta.params.items())
+
+
+def test_emaml_weight_turns_the_trpo_direction_and_leaves_the_surrogate_value():
+  """--emaml_weight adds E-MAML's term (exact by enumeration in test_rl_estimators.py) to the
+  gradient TRPO follows; its value is zero, so the line search compares the same surrogate."""
+  cfg = policies.PolicyConfig("gaussian", 2, 2, (16, 16))
+  params = policies.init_params(cfg, 0)
+  tasks = envs.Navigation2D().sample_tasks(3, np.random.default_rng(0))
+  pre, post = nav_batches(params, cfg, tasks, T=30)
+  post = dict(post, emaml_scores=tf.constant([1.0, -1.5, 0.5]))
+  tf_params = {k: tf.constant(v) for k, v in params.items()}
+  plain = maml_rl.TRPOStep(cfg, maml_rl.TRPOConfig(), 0.1, first_order=False, horizon=30)
+  emaml = maml_rl.TRPOStep(cfg, maml_rl.TRPOConfig(), 0.1, first_order=False, horizon=30,
+                           emaml_weight=0.5)
+  old_logp, old_dist = plain.old_policy(tf_params, [pre], post)
+  g0, s0, _ = plain.gradient(tf_params, [pre], post, old_logp, old_dist)
+  g1, s1, _ = emaml.gradient(tf_params, [pre], post, old_logp, old_dist)
+  assert float(s1) == pytest.approx(float(s0), rel=1e-6)
+  # The difference is the term's gradient: -0.5 mean_m(score_m grad S_m), S_m the mean over
+  # task m's 8 episodes of their summed log-probabilities.
+  with tf.GradientTape() as tape:
+    tape.watch(list(tf_params.values()))
+    logp = policies.log_prob(cfg, maml.tile(tf_params, 3), pre["obs"], pre["actions"])
+    term = -0.5 * tf.reduce_mean(post["emaml_scores"] * tf.reduce_sum(logp * pre["mask"], 1) / 8)
+  expected = tape.gradient(term, tf_params)
+  for k in params:
+    np.testing.assert_allclose((g1[k] - g0[k]).numpy(), expected[k].numpy(), rtol=1e-4,
+                               atol=1e-6, err_msg=k)
+  assert max(float(tf.reduce_max(tf.abs(expected[k]))) for k in params) > 1e-2
 
 
 def test_trpo_step_improves_the_surrogate_within_the_kl_bound():

@@ -255,3 +255,61 @@ def test_promp_first_step_follows_the_lvc_meta_gradient_of_maml_trpo():
   info = step(params, [pre], post)
   assert int(optimizer.iterations) == 3 and info["inner_kl"] > 0
   assert info["surrogate_after"] < info["surrogate_before"]
+
+
+EMAML_LR = 0.7
+
+
+def flatten(fast):
+  return tf.concat([tf.reshape(fast["out/kernel"], [-1]), tf.reshape(fast["out/bias"], [-1])], 0)
+
+
+def one_trajectory_steps(theta):
+  """For each trajectory tau: the policies before and after the inner step taken on tau alone
+  (REINFORCE, as MAML-TRPO's; at the sampling policy every estimator takes the same step)."""
+  batch = trajectory_batch()
+  params = {"out/kernel": tf.reshape(theta[:6], [3, 2]), "out/bias": theta[6:]}
+  chains = []
+  for i in range(len(TRAJECTORIES)):
+    one = {k: v[i:i + 1] for k, v in batch.items()}
+    chains.append((one, maml_rl.adapt_all(CFG, params, [one], EMAML_LR, first_order=False,
+                                          estimator="reinforce", horizon=2)))
+  return chains
+
+
+def test_emaml_term_completes_the_gradient_through_the_sampling_distribution():
+  """E-MAML's objective is E_{tau ~ pi_theta}[J(theta'(tau))] with the pre-update trajectory's
+  probability differentiated too. By enumeration: its exact gradient equals the expectation of
+  MAML's meta-gradient (REINFORCE inner step) plus emaml_loss's term, and MAML's alone misses
+  it by more than the tolerance could hide."""
+  batch = trajectory_batch()
+
+  def formulation_two(theta):
+    p = probabilities(theta, batch)
+    return tf.add_n([p[i] * exact_value(flatten(chain[-1]))
+                     for i, (_, chain) in enumerate(one_trajectory_steps(theta))])
+
+  p0 = probabilities(tf.constant(THETA), batch)  # the sampled distribution: constants
+
+  def estimated(theta, weight):
+    total = 0.0
+    for i, (one, chain) in enumerate(one_trajectory_steps(theta)):
+      post = exact_value(flatten(chain[-1]))
+      scores = tf.reshape(p0[i] * post, [1])
+      total += p0[i] * post - weight * estimators.emaml_loss(CFG, chain[:1], [one], scores, 2)
+    return total
+
+  exact, _ = hessian(formulation_two, THETA)
+  with_term, _ = hessian(lambda t: estimated(t, 1.0), THETA)
+  maml_only, _ = hessian(lambda t: estimated(t, 0.0), THETA)
+  np.testing.assert_allclose(with_term, exact, rtol=0, atol=1e-12)
+  assert np.abs(maml_only - exact).max() > 0.01
+  assert float(estimated(tf.constant(THETA), 1.0)) == pytest.approx(
+      float(estimated(tf.constant(THETA), 0.0)), abs=1e-15)  # zero in value
+
+
+def test_emaml_scores_are_centred_and_scaled_over_the_tasks():
+  from rl.learner import emaml_scores
+
+  scores = emaml_scores(np.array([-30.0, -10.0, -20.0, -20.0]))
+  np.testing.assert_allclose(scores, [-np.sqrt(2), np.sqrt(2), 0.0, 0.0], rtol=1e-6)

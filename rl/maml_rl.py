@@ -105,6 +105,27 @@ def conjugate_gradient(matvec, b: dict, iters: int, tol: float = 1e-10) -> dict:
   return x
 
 
+def masked_conjugate_gradient(matvec, b: dict, iters: int, tol: float = 1e-10) -> dict:
+  """:func:`conjugate_gradient` in a fixed number of iterations, for a compiled graph: once the
+  residual is below ``tol`` the iterate stops changing (where the loop above breaks), so the
+  answer is the same and the graph has no data-dependent exit."""
+  x = {k: tf.zeros_like(v) for k, v in b.items()}
+  r, p = dict(b), dict(b)
+  rr = dot(r, r)
+  done = rr < tol
+  for _ in range(iters):
+    Ap = matvec(p)
+    alpha = tf.where(done, tf.zeros_like(rr), rr / (dot(p, Ap) + 1e-20))
+    x = {k: x[k] + alpha * p[k] for k in x}
+    r = {k: r[k] - alpha * Ap[k] for k in r}
+    rr_new = dot(r, r)
+    beta = tf.where(done, tf.zeros_like(rr), rr_new / rr)
+    p = {k: r[k] + beta * p[k] for k in p}
+    done = done | (rr_new < tol)
+    rr = tf.where(done, rr, rr_new)
+  return x
+
+
 class TRPOStep:
   """Compiled pieces of one TRPO meta-update; shapes are fixed per configuration."""
 
@@ -142,15 +163,39 @@ class TRPOStep:
       hv = outer.gradient(grad_v, params)
       return {k: hv[k] + trpo.cg_damping * vector[k] for k in hv}
 
+    @tf.function
+    def natural_direction(params, pre, post, old_logp, old_dist, grads):
+      """``F^-1 grads`` by conjugate gradient, and ``direction^T F direction``, in one graph:
+      the KL, its gradient and their forward pass through the inner step are computed once and
+      every Fisher-vector product differentiates that gradient again on one persistent tape
+      (separate calls of :func:`fisher_vector` redo the forward pass and the first backward
+      pass each time)."""
+      values = list(params.values())
+      with tf.GradientTape(persistent=True) as outer:
+        outer.watch(values)
+        with tf.GradientTape() as inner:
+          inner.watch(values)
+          _, kl = objective(params, pre, post, old_logp, old_dist)
+        kl_grads = inner.gradient(kl, params)
+
+      def matvec(vector):
+        with outer:  # the same tape, recording the product for its own derivative
+          grad_v = dot(kl_grads, vector)
+        hv = outer.gradient(grad_v, params)
+        return {k: hv[k] + trpo.cg_damping * vector[k] for k in hv}
+
+      direction = masked_conjugate_gradient(matvec, grads, trpo.cg_iters)
+      return direction, dot(direction, matvec(direction))
+
     self.old_policy, self.gradient, self.fisher_vector = old_policy, gradient, fisher_vector
+    self.natural_direction = natural_direction
 
   def __call__(self, params: dict, pre: list[dict], post: dict) -> tuple[dict, dict]:
     """Returns the new parameters and diagnostics; keeps the old ones if no step is accepted."""
     old_logp, old_dist = self.old_policy(params, pre, post)
     grads, surrogate, _ = self.gradient(params, pre, post, old_logp, old_dist)
-    matvec = lambda v: self.fisher_vector(params, pre, post, old_logp, old_dist, v)
-    direction = conjugate_gradient(matvec, grads, self.trpo.cg_iters)
-    shs = 0.5 * float(dot(direction, matvec(direction)))
+    direction, dfd = self.natural_direction(params, pre, post, old_logp, old_dist, grads)
+    shs = 0.5 * float(dfd)
     if not shs > 0:
       return params, {"surrogate_before": float(surrogate), "surrogate_after": float(surrogate),
                       "kl": 0.0, "accepted": 0.0}

@@ -244,6 +244,20 @@ ENVS = {
 }
 
 
+def _metaworld(benchmark: str, env_name: str | None = None, **kwargs):
+  from rl import metaworld_tasks  # pylint: disable=import-outside-toplevel
+  return metaworld_tasks.MetaWorldTasks(benchmark, env_name, **kwargs)
+
+
+# Meta-World's (rl/metaworld_tasks.py, imported with the package when one is made), at
+# Meta-World v3's episode length.
+METAWORLD_ML1 = ("reach-v3", "push-v3", "pick-place-v3")
+ENVS.update({f"ML1-{t}": (lambda t=t, **kw: _metaworld("ML1", t, **kw), 500)
+             for t in METAWORLD_ML1})
+ENVS["ML10"] = (lambda **kw: _metaworld("ML10", **kw), 500)
+METAWORLD_FAMILIES = tuple(f"ML1-{t}" for t in METAWORLD_ML1) + ("ML10",)
+
+
 def make(name: str, **kwargs):
   if name not in ENVS:
     raise ValueError(f"--env={name}: unknown (known: {', '.join(sorted(ENVS))})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from pipeline.errors import UsageError
-from rl import config, envs, learner, policies, sampler, task
+from rl import config, envs, learner, metaworld_tasks, policies, sampler, task
 from trainer import family, meta_flags
 
 
@@ -21,8 +21,11 @@ def build(values: dict, strategy: tf.distribute.Strategy) -> family.Built:
     raise UsageError(f"--env={values['env']}: unknown (known: {', '.join(sorted(envs.ENVS))})")
   kwargs = config.env_kwargs(values)
   cfg = config.rl_config(values, values["horizon"] or envs.horizon(values["env"]))
-  vector = sampler.VectorSampler(values["env"], cfg.meta_batch_size * cfg.rollouts_per_task,
-                                 values["num_workers"], kwargs)
+  try:
+    vector = sampler.VectorSampler(values["env"], cfg.meta_batch_size * cfg.rollouts_per_task,
+                                   values["num_workers"], kwargs)
+  except metaworld_tasks.MetaWorldMissing as e:
+    raise UsageError(f"--env={values['env']}: {e}") from None
   policy = policies.PolicyConfig("categorical" if vector.discrete else "gaussian",
                                  vector.obs_dim, vector.action_dim,
                                  meta_flags.hidden_sizes(values))

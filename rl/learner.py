@@ -34,6 +34,7 @@ class RLMetaLearner:
       raise ValueError("RL meta-training runs on one device (sampling dominates its time); "
                        "use --strategy=auto or one_device")
     self.strategy, self.cfg, self.policy, self.sampler = strategy, cfg, policy, sampler
+    self._per_task_success, self._eval_success = [], None
     with strategy.scope():
       self.params = {k: tf.Variable(v, name=k) for k, v in policies.init_params(policy, seed).items()}
       # TRPO needs no optimizer state, only the iteration count; Adam keeps its own (ProMP's
@@ -141,10 +142,11 @@ class RLMetaLearner:
     R = self.cfg.eval_rollouts_per_task if evaluation else self.cfg.rollouts_per_task
     adapt = self._eval_adapt if evaluation else self._adapt
     fast = self._numpy_tiled(len(tasks))
-    batches, per_task_returns = [], []
+    batches, per_task_returns, self._per_task_success = [], [], []
     for round_ in range(steps + 1):
       rollouts = self._rollouts(tasks, fast, seed * 1000 + round_, R)
       per_task_returns.append(rollouts.returns.reshape(len(tasks), R).mean(axis=1))
+      self._per_task_success.append(rollouts.success.reshape(len(tasks), R).mean(axis=1))
       if round_ < steps or not evaluation:
         batches.append(self._batch(tasks, rollouts, R))
       if round_ < steps:
@@ -187,6 +189,10 @@ class RLMetaLearner:
       # The clipped objective after the update, and each inner step's KL to its sampler.
       metrics["surrogate_after"] = info["surrogate_after"]
       metrics["inner_kl"], metrics["inner_kl_coeff"] = info["inner_kl"], info["inner_kl_coeff"]
+    if self.sampler.reports_success:  # share of episodes that succeeded, after and before
+      success = self._per_task_success
+      metrics["success_post"], metrics["success_pre"] = (float(success[-1].mean()),
+                                                         float(success[0].mean()))
     if "log_std" in self.params:  # Gaussian policies: the exploration left to adapt with
       metrics["policy_std"] = float(tf.reduce_mean(tf.exp(self.params["log_std"])))
     return metrics
@@ -205,8 +211,15 @@ class RLMetaLearner:
   def evaluate(self, dataset) -> tuple[None, np.ndarray]:
     """(no loss: RL's evaluation measures returns only, average return per task after
     0..eval_inner_steps steps ``[steps+1, tasks]``)."""
-    per_round = []
+    per_round, success = [], []
     for tasks, seed, keep in dataset:
       _, rets = self._adapt_and_roll(tasks, seed, self.cfg.eval_inner_steps, evaluation=True)
       per_round.append(np.stack(rets)[:, :keep])
+      success.append(np.stack(self._per_task_success)[:, :keep])
+    self._eval_success = np.concatenate(success, axis=1)
     return None, np.concatenate(per_round, axis=1)
+
+  def evaluation_extras(self) -> dict[str, np.ndarray]:
+    """Other per-task figures of the last :meth:`evaluate`, ``[S+1, tasks]`` each: the
+    success rate, for families that report success (Meta-World)."""
+    return {"success_rate": self._eval_success} if self.sampler.reports_success else {}

@@ -23,6 +23,7 @@ class Rollouts:
   actions: np.ndarray  # [E, T, act_dim] float32 or [E, T] int64
   rewards: np.ndarray  # [E, T] float64, 0 after an episode ends
   mask: np.ndarray  # [E, T] float32, 1 while the episode is alive
+  success: np.ndarray  # [E] float32: 1 if the environment reported success at any live step
 
   @property
   def returns(self) -> np.ndarray:
@@ -55,12 +56,13 @@ def _worker(remote, env_name: str, count: int, env_kwargs: dict):
 def _step(envs, actions, active):
   n = len(envs)
   obs = [None] * n
-  rewards, done = np.zeros(n), np.zeros(n, bool)
+  rewards, done, success = np.zeros(n), np.zeros(n, bool), np.zeros(n, np.float32)
   for i, env in enumerate(envs):
     if active[i]:
-      o, r, terminated, truncated, _ = env.step(actions[i])
+      o, r, terminated, truncated, info = env.step(actions[i])
       obs[i], rewards[i], done[i] = o, r, terminated or truncated
-  return obs, rewards, done
+      success[i] = info.get("success", 0.0)
+  return obs, rewards, done, success
 
 
 class VectorSampler:
@@ -75,6 +77,8 @@ class VectorSampler:
     self.obs_dim = int(np.prod(probe.observation_space.shape))
     self.action_dim = int(probe.action_space.n if self.discrete else probe.action_space.shape[0])
     self.task_sampler = probe
+    # Families that report success (Meta-World) get success rates beside the returns.
+    self.reports_success = bool(getattr(probe, "reports_success", False))
     self.num_workers = max(0, min(num_workers, num_envs))
     if self.num_workers <= 1:
       self._envs = [rl_envs.make(env_name, **env_kwargs) for _ in range(num_envs)]
@@ -92,7 +96,11 @@ class VectorSampler:
         self._remotes.append(parent)
         self._procs.append(proc)
 
-  def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
+  def sample_tasks(self, n: int, rng: np.random.Generator, split: str = "train") -> list[dict]:
+    """``split`` matters to families with their own held-out task sets (Meta-World's test
+    tasks); the others draw every split from one distribution, held out by seed."""
+    if getattr(self.task_sampler, "has_splits", False):
+      return self.task_sampler.sample_tasks(n, rng, split)
     return self.task_sampler.sample_tasks(n, rng)
 
   def _reset(self, tasks, seeds):
@@ -112,13 +120,14 @@ class VectorSampler:
       return _step(self._envs, actions, active)
     for remote, s in zip(self._remotes, self._slices):
       remote.send(("step", (actions[s], active[s])))
-    obs, rewards, done = [], [], []
+    obs, rewards, done, success = [], [], [], []
     for remote in self._remotes:
-      o, r, d = remote.recv()
+      o, r, d, s = remote.recv()
       obs += o
       rewards.append(r)
       done.append(d)
-    return obs, np.concatenate(rewards), np.concatenate(done)
+      success.append(s)
+    return obs, np.concatenate(rewards), np.concatenate(done), np.concatenate(success)
 
   def rollouts(self, tasks: list[dict], act: Callable[[np.ndarray, np.random.Generator], np.ndarray],
                horizon: int, seed: int) -> Rollouts:
@@ -135,17 +144,19 @@ class VectorSampler:
     rewards = np.zeros((E, horizon))
     mask = np.zeros((E, horizon), np.float32)
     active = np.ones(E, bool)
+    success = np.zeros(E, np.float32)
     for t in range(horizon):
       actions = act(obs, rng)
       all_obs[:, t], all_actions[:, t], mask[:, t] = obs, actions, active
-      new_obs, r, done = self._step(actions, active)
+      new_obs, r, done, succeeded = self._step(actions, active)
       rewards[:, t] = np.where(active, r, 0.0)
+      success = np.maximum(success, np.where(active, succeeded, 0.0))
       for e in np.flatnonzero(active):
         obs[e] = np.asarray(new_obs[e], np.float32).reshape(-1)
       active = active & ~done
       if not active.any():
         break
-    return Rollouts(all_obs, all_actions, rewards, mask)
+    return Rollouts(all_obs, all_actions, rewards, mask, success)
 
   def close(self):
     for remote in self._remotes:

@@ -33,10 +33,11 @@ class MetaRLTask:
     del strategy
     return self.eval_dataset(split, episodes, None)
 
-  def _tasks(self, *key) -> tuple[list[dict], int]:
+  def _tasks(self, *key, split: str = "train") -> tuple[list[dict], int]:
     seq = np.random.SeedSequence([self.seed, *key])
     rng = np.random.default_rng(seq)
-    return self.sampler.sample_tasks(self.meta_batch_size, rng), int(seq.generate_state(1)[0])
+    return (self.sampler.sample_tasks(self.meta_batch_size, rng, split),
+            int(seq.generate_state(1)[0]))
 
   def train_dataset(self, sharding, start_step: int):
     """Meta-iteration ``s`` gets tasks and rollout seeds that depend on (seed, s) only."""
@@ -53,6 +54,6 @@ class MetaRLTask:
     batches = -(-num_tasks // self.meta_batch_size)
     out = []
     for b in range(batches):
-      tasks, seed = self._tasks(1, code, b)
+      tasks, seed = self._tasks(1, code, b, split=split)
       out.append((tasks, seed, min(self.meta_batch_size, num_tasks - b * self.meta_batch_size)))
     return out

@@ -183,6 +183,40 @@ def test_rollouts_do_not_depend_on_the_number_of_workers(name):
     np.testing.assert_array_equal(getattr(results[0], field), getattr(results[1], field))
 
 
+class _SucceedsAt(envs.TaskEnv, gym.Env):
+  """Reports success at step ``at`` only; the episode ends after step ``end``."""
+  reports_success = True
+  observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+  action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+  def sample_tasks(self, n, rng):
+    return [{"at": 0, "end": 0}] * n
+
+  def reset_task(self, task):
+    self.task = task
+
+  def reset(self, *, seed=None, options=None):
+    self.t = 0
+    return np.zeros(1, np.float32), {}
+
+  def step(self, action):
+    self.t += 1
+    done = self.t >= self.task["end"]
+    return (np.zeros(1, np.float32), 0.0, done, False,
+            {"success": float(self.t == self.task["at"])})
+
+
+def test_an_episode_succeeds_if_success_is_reported_at_any_of_its_live_steps(monkeypatch):
+  monkeypatch.setitem(envs.ENVS, "SucceedsAt-v0", (_SucceedsAt, 10))
+  sampler = VectorSampler("SucceedsAt-v0", 4)
+  tasks = [{"at": 3, "end": 10}, {"at": 9, "end": 5}, {"at": 10, "end": 10},
+           {"at": 11, "end": 20}]  # the second ends before its success; the last is too late
+  out = sampler.rollouts(tasks, lambda obs, rng: np.zeros((4, 1)), 10, seed=0)
+  assert sampler.reports_success
+  np.testing.assert_array_equal(out.success, [1.0, 0.0, 1.0, 0.0])
+  assert not VectorSampler("2DNavigation-v0", 2).reports_success
+
+
 def test_gae_matches_a_hand_computation():
   rewards = np.array([[1.0, 2.0, 3.0, 0.0]])
   values = np.array([[0.5, 1.0, 1.5, 0.0]])
@@ -424,6 +458,46 @@ def test_trpo_step_improves_the_surrogate_within_the_kl_bound():
   fv = trpo.fisher_vector(tf_params, [pre], post, old_logp, old_dist, v)
   assert float(maml_rl.dot(fu, v)) == pytest.approx(float(maml_rl.dot(fv, u)), rel=1e-3)
   assert float(maml_rl.dot(fu, u)) > 0
+
+
+def test_compiled_natural_direction_equals_conjugate_gradient_on_separate_products():
+  """TRPO's one-graph direction (one forward pass, every Fisher-vector product on one tape,
+  the loop's exit masked) against the plain loop over separately computed products. Float64
+  and a damping that keeps the system well conditioned: ten CG iterations on the undamped
+  Fisher matrix amplify rounding (0.4% in float32, 1e-5 in float64), which would hide a real
+  difference of either size."""
+  cfg = policies.PolicyConfig("gaussian", 2, 2, (16, 16))
+  params = policies.init_params(cfg, 0)
+  tasks = envs.Navigation2D().sample_tasks(3, np.random.default_rng(0))
+  as64 = lambda b: {k: tf.cast(v, tf.float64) for k, v in b.items()}
+  pre, post = map(as64, nav_batches(params, cfg, tasks))
+  tf_params = {k: tf.constant(v, tf.float64) for k, v in params.items()}
+  for iters in (3, 10):
+    trpo = maml_rl.TRPOStep(cfg, maml_rl.TRPOConfig(cg_iters=iters, cg_damping=0.1), 0.1,
+                            first_order=False)
+    old_logp, old_dist = trpo.old_policy(tf_params, [pre], post)
+    grads, _, _ = trpo.gradient(tf_params, [pre], post, old_logp, old_dist)
+    matvec = lambda v: trpo.fisher_vector(tf_params, [pre], post, old_logp, old_dist, v)
+    expected = maml_rl.conjugate_gradient(matvec, grads, iters)
+    direction, dfd = trpo.natural_direction(tf_params, [pre], post, old_logp, old_dist, grads)
+    scale = max(float(tf.reduce_max(tf.abs(v))) for v in expected.values())
+    for k in params:
+      np.testing.assert_allclose(direction[k].numpy(), expected[k].numpy(), rtol=0,
+                                 atol=1e-8 * scale, err_msg=(iters, k))
+    assert float(dfd) == pytest.approx(float(maml_rl.dot(expected, matvec(expected))), rel=1e-8)
+
+
+def test_masked_conjugate_gradient_stops_where_the_loop_breaks():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(4, 4))
+  a = tf.constant(a @ a.T + 4 * np.eye(4))
+  matvec = lambda v: {"x": tf.linalg.matvec(a, v["x"])}
+  b = {"x": tf.constant(rng.normal(size=4))}
+  for iters in (2, 4, 9):  # 4 iterations solve a 4 x 4 system; later ones must change nothing
+    loop = maml_rl.conjugate_gradient(matvec, b, iters, tol=1e-20)["x"].numpy()
+    masked = maml_rl.masked_conjugate_gradient(matvec, b, iters, tol=1e-20)["x"].numpy()
+    np.testing.assert_allclose(masked, loop, rtol=1e-9, atol=1e-12, err_msg=iters)
+  np.testing.assert_allclose(masked, np.linalg.solve(a.numpy(), b["x"].numpy()), rtol=1e-8)
 
 
 def test_categorical_policy_log_probs_and_kl():

@@ -77,5 +77,9 @@ def format_summary(summary: dict) -> str:
            for s, v in summary["by_inner_steps"].items()]
   if "classifier" in summary:  # no inner steps: another rule (a pretraining run's)
     parts = [f"{summary['classifier']}: {parts[0].split(': ', 1)[1]}"]
+  if "success_rate_by_inner_steps" in summary:  # Meta-World's
+    parts.append("success rate " + ", ".join(
+        f"{s} steps {100 * v['mean']:.1f} ± {100 * v['ci95']:.1f}%"
+        for s, v in summary["success_rate_by_inner_steps"].items()))
   return (f"{summary['split']} {summary['metric']} over {summary['episodes']} episodes — "
           + "; ".join(parts))

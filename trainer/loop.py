@@ -151,8 +151,15 @@ def _short(values: dict) -> str:
 
 def run_evaluation(learner, task, split: str, episodes: int) -> dict:
   losses, metrics = learner.evaluate(task.eval_data(learner.strategy, split, episodes))
-  return evaluation.summarize(task.metric, split, metrics, losses, t_interval=task.small_sample,
-                              step=int(learner.step.numpy()))
+  summary = evaluation.summarize(task.metric, split, metrics, losses,
+                                 t_interval=task.small_sample, step=int(learner.step.numpy()))
+  # A learner's other figures by inner steps (RL on Meta-World: the success rate).
+  extras = getattr(learner, "evaluation_extras", dict)()
+  for name, per_step in extras.items():
+    summary[f"{name}_by_inner_steps"] = {
+        str(s): evaluation.mean_ci95(per_step[s], task.small_sample)
+        for s in range(per_step.shape[0])}
+  return summary
 
 
 def _checkpoint_dirs(cfg: RunConfig, chief: bool, strategy) -> tuple[Path, Path]:
@@ -240,9 +247,14 @@ class _Training:
     metric = self.task.metric
     summary = run_evaluation(self.learner, self.task, "val", self.cfg.val_episodes)
     last = summary["by_inner_steps"][str(len(summary["by_inner_steps"]) - 1)]
+    extras = {f"val/{name[:-len('_by_inner_steps')]}_after_{k}_steps": v["mean"]
+              for name, by_step in summary.items() if name.endswith("_by_inner_steps")
+              and name not in ("by_inner_steps", "loss_by_inner_steps")
+              for k, v in by_step.items()}
     self.logs.scalars(self.step, {f"val/{metric}": last["mean"], "val/ci95": last["ci95"],
                                   **{f"val/{metric}_after_{k}_steps": v["mean"]
-                                     for k, v in summary["by_inner_steps"].items()}})
+                                     for k, v in summary["by_inner_steps"].items()},
+                                  **extras})
     best = self.best
     if best is None or (last["mean"] > best["value"] if self.task.higher_is_better
                         else last["mean"] < best["value"]):

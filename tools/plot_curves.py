@@ -7,7 +7,7 @@ trainer writes it beside its TensorBoard events) and writes ``<model_dir>/curves
 
 ``python tools/plot_curves.py --compare=val/accuracy --output=cmp.png <dir> [<dir> ...]``: one
 metric of several runs on one plot (side-by-side comparisons at equal steps). Each line is
-labelled with its method (MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO, read from the run's
+labelled with its method (MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO, ProMP, read from the run's
 ``config.json``; the folder's name for runs without one, or where two runs share a method) and
 the figure is titled with the dataset and setting. ``--reference=LABEL:VALUE`` (repeatable)
 draws a published figure as a dashed line, in the metric's units (accuracy in percent or as a
@@ -58,11 +58,12 @@ def run_flags(model_dir: Path) -> dict:
 
 
 def method(flags: dict) -> str | None:
-  """MAML, MAML++, ANIL, Meta-SGD or MAML-TRPO, from the run's flags."""
+  """MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO or ProMP, from the run's flags."""
   if not flags:
     return None
   if flags.get("dataset") == "rl":
-    return "MAML-TRPO" if flags.get("outer_optimizer", "trpo") == "trpo" else "MAML (Adam)"
+    return {"trpo": "MAML-TRPO", "promp": "ProMP"}.get(flags.get("outer_optimizer", "trpo"),
+                                                       "MAML (Adam)")
   if flags.get("inner_adapt") == "head":
     return "ANIL"
   if flags.get("per_step_inner_lr") or flags.get("msl_iterations"):

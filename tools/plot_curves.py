@@ -58,19 +58,21 @@ def run_flags(model_dir: Path) -> dict:
 
 
 def method(flags: dict) -> str | None:
-  """MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO or ProMP, from the run's flags."""
+  """MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO or ProMP, from the run's flags (and "from a
+  pretrained body" for a run started with --init_from)."""
   if not flags:
     return None
   if flags.get("dataset") == "rl":
     return {"trpo": "MAML-TRPO", "promp": "ProMP"}.get(flags.get("outer_optimizer", "trpo"),
                                                        "MAML (Adam)")
+  body = " from a pretrained body" if flags.get("init_from") else ""
   if flags.get("inner_adapt") == "head":
-    return "ANIL"
+    return "ANIL" + body
   if flags.get("per_step_inner_lr") or flags.get("msl_iterations"):
-    return "MAML++"
+    return "MAML++" + body
   if flags.get("learn_inner_lr"):
-    return "Meta-SGD"
-  return "MAML" + (" (first order)" if flags.get("first_order") else "")
+    return "Meta-SGD" + body
+  return "MAML" + (" (first order)" if flags.get("first_order") else "") + body
 
 
 def setting(flags: dict) -> str | None:

@@ -136,19 +136,24 @@ def test_the_default_mode_refuses_a_cosine_run_resumed_with_another_length(tmp_p
 
 @pytest.mark.slow
 def test_eval_of_a_step_number_uses_that_checkpoint_or_lists_the_kept_ones(tmp_path):
+  """ckpt/ rotates (the newest 3: 30, 40, 50); --keep_checkpoint_every=20 keeps 20 and 40 in
+  kept/ for good, and a step meta-test finds either folder's."""
   run = tmp_path / "run"
-  result = trainer(*SINUSOID, "--num_iterations=20", "--checkpoint_every=10", "--mode=train",
-                   f"--model_dir={run}")
+  result = trainer(*SINUSOID, "--num_iterations=50", "--checkpoint_every=10",
+                   "--keep_checkpoint_every=20", "--mode=train", f"--model_dir={run}")
   assert result.returncode == 0, result.stderr[-2000:]
-  at_10 = trainer(*SINUSOID, "--num_iterations=20", "--mode=eval", "--eval_checkpoint=10",
-                  f"--model_dir={run}")
-  assert at_10.returncode == 0, at_10.stderr[-2000:]
-  report = json.loads((run / "eval_test_step10.json").read_text())
-  assert report["checkpoint"].endswith("ckpt/ckpt-10") and report["step"] == 10
-  missing = trainer(*SINUSOID, "--num_iterations=20", "--mode=eval", "--eval_checkpoint=5",
+  assert sorted(p.name for p in (run / "kept").glob("*.index")) == ["ckpt-20.index",
+                                                                    "ckpt-40.index"]
+  for step, folder in ((20, "kept"), (30, "ckpt")):
+    done = trainer(*SINUSOID, "--num_iterations=50", "--mode=eval", f"--eval_checkpoint={step}",
+                   f"--model_dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((run / f"eval_test_step{step}.json").read_text())
+    assert report["checkpoint"].endswith(f"{folder}/ckpt-{step}") and report["step"] == step
+  missing = trainer(*SINUSOID, "--num_iterations=50", "--mode=eval", "--eval_checkpoint=10",
                     f"--model_dir={run}")
-  assert "--eval_checkpoint=5: no checkpoint of that step" in error_line(missing.stderr)
-  assert "(kept: 10, 20)" in error_line(missing.stderr)
+  assert "--eval_checkpoint=10: no checkpoint of that step" in error_line(missing.stderr)
+  assert "(kept: 20, 30, 40, 50;" in error_line(missing.stderr)
 
 
 @pytest.mark.slow

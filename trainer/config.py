@@ -61,6 +61,10 @@ flags.register_validator("eval_checkpoint", lambda v: v in ("best", "latest") or
                          "must be best, latest or a step number")
 RUN.define(flags.DEFINE_integer, "checkpoint_every", 1000, "Checkpoint every this many steps.",
            lower_bound=1, may_change=True)
+RUN.define(flags.DEFINE_integer, "keep_checkpoint_every", 0, "Also keep the checkpoint of every "
+           "step that is a multiple of this, for good (in <model_dir>/kept/; only the newest 3 "
+           "of ckpt/ are kept), so that --eval_checkpoint=N can meta-test those steps later. "
+           "0: none.", lower_bound=0, may_change=True)
 RUN.define(flags.DEFINE_integer, "log_every", 100, "Write training metrics every this many "
            "steps.", lower_bound=1, may_change=True)
 RUN.define(flags.DEFINE_integer, "steps_per_loop", 10, "Meta-steps per compiled loop (fewer "
@@ -92,6 +96,7 @@ class RunConfig:
   eval_split: str
   eval_checkpoint: str
   checkpoint_every: int
+  keep_checkpoint_every: int
   log_every: int
   steps_per_loop: int
   seed: int

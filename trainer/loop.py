@@ -186,6 +186,10 @@ class _Training:
     self.step = self._restore()
     self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.ckpt_dir), max_to_keep=3)
     self.best_manager = tf.train.CheckpointManager(self.checkpoint, str(best_dir), max_to_keep=1)
+    self.kept_manager = (tf.train.CheckpointManager(self.checkpoint,
+                                                    str(self.ckpt_dir.parent / "kept"),
+                                                    max_to_keep=None)
+                         if cfg.keep_checkpoint_every else None)
     self.best_path = cfg.model_dir / "best.json"
     self.best = json.loads(self.best_path.read_text()) if self.best_path.exists() else None
     self.data = task.train_data(strategy, self.step)
@@ -222,6 +226,8 @@ class _Training:
     cfg, step = self.cfg, self.step
     boundaries = [cfg.num_iterations, _next_multiple(step, cfg.log_every),
                   _next_multiple(step, cfg.checkpoint_every)]
+    if cfg.keep_checkpoint_every:
+      boundaries.append(_next_multiple(step, cfg.keep_checkpoint_every))
     if cfg.eval_every:
       boundaries.append(_next_multiple(step, cfg.eval_every))
     return min([step + cfg.steps_per_loop] + boundaries) - step
@@ -267,6 +273,9 @@ class _Training:
   def save(self) -> None:
     if self._due(self.cfg.checkpoint_every):
       self.manager.save(checkpoint_number=self.step)
+    every = self.cfg.keep_checkpoint_every
+    if every and self.step % every == 0:
+      self.kept_manager.save(checkpoint_number=self.step)
 
   def stop(self, preemption: "_Preemption", cluster: "_ClusterPreemption | None") -> str | None:
     """"interrupted" or "preempted" when a signal asked to stop (saved first), else None."""

@@ -171,12 +171,15 @@ def choose_checkpoint(model_dir: Path, which: str, flag: str = "--eval_checkpoin
   ``latest``, or a step number whose checkpoint is kept. ``flag`` names the choice in errors."""
   ckpt_dir = model_dir / "ckpt"
   if which.isdigit():
-    chosen = str(ckpt_dir / f"ckpt-{int(which)}")
-    if not tf.io.gfile.exists(chosen + ".index"):
-      kept = sorted(int(p.name[5:-6]) for p in ckpt_dir.glob("ckpt-*.index"))
-      raise UsageError(f"{flag}={which}: no checkpoint of that step in {ckpt_dir} (kept: "
-                       f"{', '.join(map(str, kept)) or 'none'})")
-    return chosen
+    folders = (ckpt_dir, model_dir / "kept")  # the rotating three, then --keep_checkpoint_every's
+    for folder in folders:
+      chosen = str(folder / f"ckpt-{int(which)}")
+      if tf.io.gfile.exists(chosen + ".index"):
+        return chosen
+    kept = sorted({int(p.name[5:-6]) for f in folders for p in f.glob("ckpt-*.index")})
+    raise UsageError(f"{flag}={which}: no checkpoint of that step in {ckpt_dir} or "
+                     f"{model_dir / 'kept'} (kept: {', '.join(map(str, kept)) or 'none'}; "
+                     f"--keep_checkpoint_every keeps more)")
   latest = tf.train.latest_checkpoint(str(ckpt_dir))
   chosen = latest if which == "latest" else (
       tf.train.latest_checkpoint(str(model_dir / "best")) or latest)

@@ -293,3 +293,41 @@ def test_a_keras_model_meta_gradient_is_the_same_over_replicas_chunks_and_remat(
       assert_close_f32(got[k], value, reduction_length=28 * 28 * 6, stages=3,
                        err_msg=f"{k} replicas={strategy.num_replicas_in_sync} chunk={chunk} "
                                f"remat={remat}")
+
+
+@pytest.mark.parametrize("padding, stride", [("SAME", 1), ("VALID", 2)])
+def test_per_task_convolutions_vectorize_as_one_grouped_convolution(padding, stride):
+  """Under keras_models.grouped_task_convolutions, tf.vectorized_map converts a convolution with
+  one filter per task (TensorFlow's own converter would fall back to a while loop, refused
+  here by fallback_to_while_loop=False) and equals a Python loop over the tasks' ordinary
+  convolutions, in value and in the second derivative MAML takes."""
+  x = tf.random.stateless_normal([3, 4, 9, 9, 2], seed=[1, 2])
+  w = tf.random.stateless_normal([3, 3, 3, 2, 5], seed=[3, 4])
+  conv = lambda args: tf.nn.conv2d(args[0], args[1], stride, padding)
+  loop = lambda: tf.stack([conv((x[i], w[i])) for i in range(3)])
+
+  def grouped():
+    with keras_models.grouped_task_convolutions():
+      return tf.vectorized_map(conv, (x, w), fallback_to_while_loop=False)
+
+  with pytest.raises(ValueError, match="loop invariant"):
+    tf.vectorized_map(conv, (x, w), fallback_to_while_loop=False)
+
+  def curvature(forward):  # d/dw |d/dw sum(sin(conv))|^2
+    with tf.GradientTape() as outer:
+      outer.watch(w)
+      with tf.GradientTape() as inner:
+        inner.watch(w)
+        value = forward()
+        total = tf.reduce_sum(tf.sin(value))
+      g = inner.gradient(total, w)
+      norm = tf.reduce_sum(g * g)
+    return value, outer.gradient(norm, w)
+
+  if not models.native_grouped_convolutions():
+    pytest.skip("no differentiable grouped convolution in this TensorFlow (the while loop runs)")
+  value, second = curvature(grouped)
+  ref_value, ref_second = curvature(loop)
+  np.testing.assert_allclose(value.numpy(), ref_value.numpy(), rtol=1e-5, atol=1e-5)
+  scale = float(tf.reduce_max(tf.abs(ref_second)))
+  np.testing.assert_allclose(second.numpy() / scale, ref_second.numpy() / scale, atol=1e-5)

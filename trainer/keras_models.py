@@ -100,6 +100,67 @@ def exact_batch_moments():
     backend_nn._compute_moments = original  # pylint: disable=protected-access
 
 
+def _grouped_conv2d_converter(original: Callable) -> Callable:
+  """A pfor converter of ``Conv2D`` for per-task filters: the tasks' convolutions as one grouped
+  convolution (the built-in conv4's layout, :func:`trainer.models.grouped_conv2d`).
+
+  TensorFlow's own converter vectorizes ``Conv2D`` only for a filter shared by every iteration;
+  with one filter per task, as in MAML's inner loop, ``tf.vectorized_map`` falls back to a
+  ``while_loop`` over the tasks, forward and backward. Here the stacked input ``[T, n, H, W, C]``
+  becomes ``[n, H, W, T*C]``, the filters ``[T, kh, kw, C, O]`` become ``[kh, kw, C, T*O]``, and
+  the output goes back to ``[T, n, H', W', O]``: the same convolutions, whose derivatives of any
+  order are the grouped convolution's own. Anything else (a shared filter, NCHW, explicit
+  padding, no differentiable grouped kernel here) goes to ``original``.
+  """
+  from tensorflow.python.ops.parallel_for import pfor as pfor_lib  # pylint: disable=import-outside-toplevel
+
+  def convert(pfor_input):
+    x, x_stacked, _ = pfor_input.input(0)
+    w, w_stacked, _ = pfor_input.input(1)
+    data_format = pfor_input.get_attr("data_format")
+    data_format = data_format.decode() if isinstance(data_format, bytes) else data_format
+    padding = pfor_input.get_attr("padding")
+    padding = padding.decode() if isinstance(padding, bytes) else padding
+    if (not w_stacked or data_format != "NHWC" or padding not in ("SAME", "VALID")
+        or not models.native_grouped_convolutions(w.dtype.name)):
+      return original(pfor_input)
+    if not x_stacked:
+      pfor_input.stack_inputs(stack_indices=[0])
+      x = pfor_input.stacked_input(0)
+    tasks = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+    n, height, width, cin = (x.shape[i] if x.shape[i] is not None else tf.shape(x)[i]
+                             for i in range(1, 5))
+    kh, kw, _, cout = w.shape[1:]
+    h = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [n, height, width, tasks * cin])
+    kernel = tf.reshape(tf.transpose(w, [1, 2, 3, 0, 4]), [kh, kw, cin, tasks * cout])
+    y = tf.nn.conv2d(h, kernel, strides=pfor_input.get_attr("strides"), padding=padding,
+                     dilations=pfor_input.get_attr("dilations"))
+    shape = tf.shape(y)
+    y = tf.reshape(y, tf.stack([shape[0], shape[1], shape[2], tasks, cout]))
+    return [pfor_lib.wrap(tf.transpose(y, [3, 0, 1, 2, 4]), True)]
+
+  return convert
+
+
+@contextlib.contextmanager
+def grouped_task_convolutions():
+  """``tf.vectorized_map`` traced inside runs per-task convolutions as one grouped convolution
+  (:func:`_grouped_conv2d_converter`); outside, TensorFlow's converter is back. Without
+  TensorFlow's (private) converter registry, nothing changes: the while loop, slower."""
+  try:
+    from tensorflow.python.ops.parallel_for import pfor as pfor_lib  # pylint: disable=import-outside-toplevel
+    registry = pfor_lib._pfor_converter_registry  # pylint: disable=protected-access
+    original = registry["Conv2D"]
+  except (ImportError, AttributeError, KeyError):
+    yield
+    return
+  registry["Conv2D"] = _grouped_conv2d_converter(original)
+  try:
+    yield
+  finally:
+    registry["Conv2D"] = original
+
+
 @dataclasses.dataclass(frozen=True)
 class KerasBackbone:
   """A built Keras model with the order of its trainable weights fixed by name (``path``)."""
@@ -124,7 +185,7 @@ class KerasBackbone:
       logits, _ = self.model.stateless_call(list(weights), fixed, images, training=True)
       return logits
 
-    with exact_batch_moments():
+    with exact_batch_moments(), grouped_task_convolutions():
       return tf.vectorized_map(one_task, ([params[k] for k in self.names], x))
 
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 from helpers import error_line, trainer
 from pipeline import episodes, labelled, streams
 from trainer import models, optim, pretrain
+from trainer import pretrain_config as pc
 from test_init_from import weights
 
 
@@ -173,7 +174,11 @@ def test_meta_training_from_a_pretraining_run_takes_its_body_and_its_own_head(
      "--pretrain_batch_size=1000: split 'train' has only 48 images"),
     (("--mode=pretrain", "--inner_lr=0.1", "--first_order"),
      "--inner_lr, --first_order: meta-learning, which --mode=pretrain does not do"),
-], ids=["flag_of_another_mode", "shared_head", "keras", "batch_too_large", "meta_flags"])
+    (("--mode=pretrain", "--pretrain_dropblock_rate=0.1"),
+     "--pretrain_dropblock_rate=0.1: ResNet-12's regulariser (--model=resnet12), not "
+     "--model=conv4's"),
+], ids=["flag_of_another_mode", "shared_head", "keras", "batch_too_large", "meta_flags",
+        "dropblock_of_conv4"])
 def test_what_pretraining_cannot_do_is_refused_in_one_line(small_omniglot, tmp_path, args,
                                                            expected):
   result = trainer(*PRETRAIN, f"--data_dir={small_omniglot}", f"--model_dir={tmp_path / 'r'}",
@@ -198,15 +203,29 @@ def test_a_pretraining_run_is_neither_meta_trained_nor_exported(pretrained, smal
       export.stderr, "export: error:")
 
 
-def test_a_resumed_pretraining_learner_takes_the_same_steps(small_omniglot, tmp_path):
-  """In process: 4 steps at once equal 2 steps, a checkpoint, a new learner and 2 more."""
+@pytest.mark.parametrize("kind", ["conv4", "resnet12_dropblock"])
+def test_a_resumed_pretraining_learner_takes_the_same_steps(request, tmp_path, kind):
+  """In process: 4 steps at once equal 2 steps, a checkpoint, a new learner and 2 more; with
+  ResNet-12's DropBlock too (its noise is a function of the step, not of the process), on
+  32-px CIFAR-FS records (12-px Omniglot is too small for ResNet-12's four poolings)."""
+  data = (request.getfixturevalue("small_omniglot") if kind == "conv4" else
+          request.getfixturevalue("cifar_records")["cifarfs"])
   task = pretrain.PretrainTask(
-      pretrain.FewShotClassification(str(small_omniglot), 3, 1, 1, 1, 2, 2, 0), 8, "standard")
-  model = models.ModelConfig("conv4", task.few_shot.image_shape, 16, num_filters=4)
+      pretrain.FewShotClassification(str(data), 3, 1, 1, 1, 2, 2, 0), 8, "standard")
+  shape, classes = task.few_shot.image_shape, task.num_classes
+  model = (models.ModelConfig("conv4", shape, classes, num_filters=4) if kind == "conv4" else
+           models.ModelConfig("resnet12", shape, classes, widths=(3, 4, 4, 5)))
+  noise = pc.DropBlockConfig(0.3, 2, warmup=2) if kind != "conv4" else pc.DropBlockConfig()
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-  make = lambda: pretrain.PretrainLearner(
+  make = lambda dropblock=noise: pretrain.PretrainLearner(
       strategy, model, optim.SGDConfig(0.05, decay_steps=4), seed=0, batch_size=8, n_way=3,
-      eval_batch_size=2, jit_compile=False)
+      eval_batch_size=2, jit_compile=False, dropblock=dropblock)
+  if noise.rate:  # the noise is there: without it the same steps go elsewhere
+    quiet, noisy = make(pc.DropBlockConfig()), make()
+    for learner in (quiet, noisy):
+      learner.train_loop(task.train_data(strategy, 0), 2)
+    assert any(not np.allclose(quiet.params[k].numpy(), noisy.params[k].numpy(), atol=1e-6)
+               for k in quiet.params)
   whole = make()
   whole.train_loop(task.train_data(strategy, 0), 4)
   first = make()

@@ -127,3 +127,63 @@ def test_resnet12_in_keras_gives_the_builtin_logits_and_meta_gradient(tmp_path):
     # size of a missing second-order term (half the gradient in conv4's first layer).
     np.testing.assert_allclose(g_keras[name].numpy() / size, g_builtin[b].numpy() / size,
                                atol=1e-9, err_msg=b)
+
+
+def numpy_dropblock_mask(seeds: np.ndarray, size: int) -> np.ndarray:
+  """The mask by enumeration: every seed at (i, j) zeroes rows i..i+size-1, cols j..j+size-1."""
+  n, rows, cols, c = seeds.shape
+  mask = np.ones([n, rows + size - 1, cols + size - 1, c])
+  for e, i, j, k in zip(*np.nonzero(seeds)):
+    mask[e, i:i + size, j:j + size, k] = 0.0
+  return mask
+
+
+def test_dropblock_zeros_exactly_the_squares_its_seeds_start():
+  rng = np.random.default_rng(0)
+  for size in (1, 3, 5):
+    seeds = (rng.uniform(size=[2, 8 - size + 1, 7 - size + 1, 3]) < 0.05).astype(np.float32)
+    got = models.dropblock_mask(tf.constant(seeds), size).numpy()
+    np.testing.assert_array_equal(got, numpy_dropblock_mask(seeds, size), err_msg=f"{size}")
+
+
+def test_dropblock_drops_its_expected_share_and_keeps_each_tasks_sum():
+  """Kept share over many draws against its exact expectation: position (p, q) survives when
+  none of the c(p, q) seed positions whose square covers it fires, (1 - gamma)^c. And the
+  rescaling keeps the sum of each task's activations exactly (the tasks are channel groups)."""
+  n, side, channels, groups, size, rate = 64, 10, 8, 2, 5, 0.1
+  h = tf.ones([n, side, side, groups * channels])
+  out = models.dropblock(h, rate, size, tf.constant([3, 4]), groups).numpy()
+  gamma = models.dropblock_seeds_probability(rate, size, side, side)
+  starts = side - size + 1
+  cover = np.array([[min(p, starts - 1) - max(0, p - size + 1) + 1 for p in range(side)]])
+  expected = float(np.mean((1 - gamma) ** (cover.T * cover)))  # rows x cols of seed positions
+  kept = (out > 0).mean()
+  # Draws of one channel are dependent within a map; 16 x 64 maps' shares are independent.
+  share = (out > 0).reshape(n, side * side, -1).mean(axis=1)
+  stderr = share.std() / np.sqrt(share.size)
+  assert abs(kept - expected) < 5 * stderr and 0.85 < expected < 0.95
+  for task in np.split(out, groups, axis=-1):
+    assert task.sum() == pytest.approx(task.size, rel=1e-5)
+  assert np.array_equal(out, models.dropblock(h, rate, size, tf.constant([3, 4]), groups).numpy())
+  assert not np.array_equal(out, models.dropblock(h, rate, size, tf.constant([3, 5]),
+                                                  groups).numpy())
+
+
+def test_resnet12_noise_is_a_function_of_its_seed_off_at_rate_zero_and_compiles_for_xla():
+  cfg = tiny_cfg()
+  params = {k: tf.constant(v[None]) for k, v in models.init_params(cfg, 0).items()}
+  x = tf.random.uniform([1, 6, 16, 16, 2], seed=2)
+  plain = models.apply(cfg, params, x)
+  at = lambda rate, seed: models.apply(cfg, params, x, models.ForwardContext(
+      dropout=models.Dropout(tf.cast(rate, tf.float32), 2, tf.cast(seed, tf.int64))))
+  np.testing.assert_allclose(at(0.0, [1, 2]).numpy(), plain.numpy(), rtol=1e-6, atol=1e-6)
+  noisy = at(0.3, [1, 2]).numpy()
+  assert np.abs(noisy - plain.numpy()).max() > 0.05
+  np.testing.assert_array_equal(at(0.3, [1, 2]).numpy(), noisy)  # a function of the seed
+  # Under XLA (as on TPU) it compiles, is off at rate 0 and a function of the seed too; XLA's
+  # generator draws other numbers than TensorFlow's kernels from the same seed.
+  compiled = tf.function(at, jit_compile=True)
+  seed = tf.constant([1, 2], tf.int64)
+  np.testing.assert_allclose(compiled(0.0, seed).numpy(), plain.numpy(), rtol=1e-3, atol=1e-3)
+  np.testing.assert_array_equal(compiled(0.3, seed).numpy(), compiled(0.3, seed).numpy())
+  assert np.abs(compiled(0.3, seed).numpy() - plain.numpy()).max() > 0.05

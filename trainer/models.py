@@ -285,11 +285,13 @@ class ForwardContext:
   ``step``: inner updates made so far (selects per-step norm parameters and statistics).
   ``stats``: running statistics ``[stat_slots, C]`` per layer to normalise with, or None for
   batch statistics. ``moments``: if a dict, filled with each layer's batch mean and variance
-  averaged over tasks (gradient stopped), for updating running statistics.
+  averaged over tasks (gradient stopped), for updating running statistics. ``dropout``:
+  ResNet-12's training noise (:class:`Dropout`), or None for none (evaluation).
   """
   step: int = 0
   stats: dict | None = None
   moments: dict | None = None
+  dropout: "Dropout | None" = None
 
   def record(self, prefix: str, mean: tf.Tensor, var: tf.Tensor, groups: int) -> None:
     if self.moments is None:
@@ -389,6 +391,59 @@ def features(cfg: ModelConfig, params: dict[str, tf.Tensor], x: tf.Tensor,
   return tf.reshape(tf.transpose(h, [3, 0, 1, 2, 4]), [B, -1, side_h * side_w * width])
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """MetaOptNet's ResNet-12 regulariser (Lee et al., CVPR 2019; FEAT and UNICORN-MAML pretrain
+  with it): after each block's max-pool, dropout at ``rate`` in blocks 0-1 and DropBlock
+  (Ghiasi et al., NeurIPS 2018) in blocks 2-3, which drops ``block_size`` squares of a channel,
+  so that neighbouring activations (which carry the same information) go together. ``rate``
+  may be a scalar tensor (a schedule); ``seed`` is a stateless ``[2]`` int seed, so a step's
+  noise is a function of the seed and compiles for XLA (whose generator draws other numbers
+  from the same seed than TensorFlow's kernels do)."""
+  rate: float | tf.Tensor
+  block_size: int
+  seed: tf.Tensor
+
+  def apply(self, h: tf.Tensor, block: int, groups: int) -> tf.Tensor:
+    seed = tf.random.experimental.stateless_fold_in(self.seed, block)
+    if block < 2:
+      return tf.nn.experimental.stateless_dropout(h, tf.cast(self.rate, h.dtype), seed)
+    return dropblock(h, self.rate, self.block_size, seed, groups)
+
+
+def dropblock_seeds_probability(rate, block_size: int, height: int, width: int):
+  """DropBlock's gamma: the probability of a block's seed at each position where a whole block
+  fits, such that about ``rate`` of the map is dropped (overlaps make it a little less)."""
+  return (rate / block_size ** 2 * (height * width)
+          / ((height - block_size + 1) * (width - block_size + 1)))
+
+
+def dropblock_mask(seeds: tf.Tensor, block_size: int) -> tf.Tensor:
+  """1 where kept, 0 in the ``block_size`` square whose top-left corner is each seed:
+  ``seeds`` ``[n, H-s+1, W-s+1, C]`` (1 = a block starts here) -> ``[n, H, W, C]``."""
+  pad = block_size - 1
+  padded = tf.pad(seeds, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+  return 1.0 - tf.nn.max_pool2d(padded, block_size, 1, padding="VALID")
+
+
+def dropblock(h: tf.Tensor, rate, block_size: int, seed: tf.Tensor, groups: int) -> tf.Tensor:
+  """DropBlock on a grouped activation ``[n, H, W, B*C]``: each channel of each example drops
+  its own blocks; the kept ones are scaled by dropped-and-kept over kept, per task group, so
+  the sum of each task's activations is what it was in expectation and one task's draw does not
+  scale another's."""
+  n, height, width, channels = h.shape
+  size = min(block_size, height, width)  # a map smaller than a block drops whole maps
+  gamma = dropblock_seeds_probability(tf.cast(rate, h.dtype), size, height, width)
+  shape = tf.stack([tf.shape(h)[0], height - size + 1, width - size + 1, channels])
+  seeds = tf.cast(tf.random.stateless_uniform(shape, seed, dtype=h.dtype) < gamma, h.dtype)
+  mask = dropblock_mask(seeds, size)
+  grouped = lambda t: tf.reshape(t, tf.concat([tf.shape(t)[:-1], [groups, -1]], axis=0))
+  kept = tf.reduce_sum(grouped(mask), axis=[0, 1, 2, 4])  # [B]
+  total = tf.cast(tf.size(mask) // groups, h.dtype)
+  scale = tf.repeat(total / tf.maximum(kept, 1.0), channels // groups)
+  return h * mask * scale
+
+
 def _grouped_kernel(kernel: tf.Tensor) -> tf.Tensor:
   """Per-task kernels ``[B, k, k, cin, cout]`` -> one grouped kernel ``[k, k, cin, B*cout]``."""
   B, k, _, cin, cout = kernel.shape
@@ -407,4 +462,7 @@ def _residual_block(cfg: ModelConfig, params: dict, h: tf.Tensor, prefix: str, g
     if j < 2:
       y = tf.nn.leaky_relu(y, LEAKY_SLOPE)
   y = tf.nn.leaky_relu(y + conv(h, "shortcut"), LEAKY_SLOPE)
-  return tf.nn.max_pool2d(y, 2, 2, padding="VALID")
+  y = tf.nn.max_pool2d(y, 2, 2, padding="VALID")
+  if ctx.dropout is not None:
+    y = ctx.dropout.apply(y, int(prefix[len("block"):]), groups)
+  return y

@@ -84,18 +84,23 @@ def nearest_centroid(support: tf.Tensor, support_y: tf.Tensor, query: tf.Tensor,
 
 
 def classification_sums(model: models.ModelConfig, params: dict, images: tf.Tensor,
-                        labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                        labels: tf.Tensor, dropout: models.Dropout | None = None
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
   """Summed cross-entropy and correct count of one batch ``[b, H, W, C]`` (one model)."""
-  logits = models.apply(model, {k: v[None] for k, v in params.items()}, images[None])[0]
+  logits = models.apply(model, {k: v[None] for k, v in params.items()}, images[None],
+                        models.ForwardContext(dropout=dropout))[0]
   loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
   correct = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
   return tf.reduce_sum(loss), tf.reduce_sum(tf.cast(correct, tf.float32))
 
 
-def _gradients(model, params, images, labels, *, global_batch: int):
+def _gradients(model, params, images, labels, noise=None, *, global_batch: int,
+               block_size: int = 0):
+  """``noise``: None, or the ``(rate, seed)`` tensors of this step's :class:`models.Dropout`."""
+  dropout = models.Dropout(noise[0], block_size, noise[1]) if noise is not None else None
   with tf.GradientTape() as tape:
     tape.watch(params)
-    loss, correct = classification_sums(model, params, images, labels)
+    loss, correct = classification_sums(model, params, images, labels, dropout)
     objective = loss / global_batch  # this replica's share of the global mean
   return tape.gradient(objective, params), loss, correct
 
@@ -112,8 +117,10 @@ class PretrainLearner:
 
   def __init__(self, strategy: tf.distribute.Strategy, model: models.ModelConfig,
                sgd: optim.SGDConfig, *, seed: int, batch_size: int, n_way: int,
-               eval_batch_size: int, jit_compile: bool, body_from: str | None = None):
+               eval_batch_size: int, jit_compile: bool, body_from: str | None = None,
+               dropblock: pc.DropBlockConfig = pc.DropBlockConfig()):
     self.strategy, self.model, self.n_way = strategy, model, n_way
+    self.dropblock, self.seed = dropblock, seed
     self.body_from = body_from
     self.batch_size = batch_size
     replicas = strategy.num_replicas_in_sync
@@ -123,7 +130,8 @@ class PretrainLearner:
       self.params = {k: tf.Variable(v, name=k, aggregation=optim.ONLY_FIRST)
                      for k, v in models.init_params(model, seed).items()}
       self.optimizer = optim.SGD(sgd, self.params)
-    self._grads = tf.function(functools.partial(_gradients, model, global_batch=batch_size),
+    self._grads = tf.function(functools.partial(_gradients, model, global_batch=batch_size,
+                                                block_size=dropblock.block_size),
                               jit_compile=jit_compile)
     self._evaluate = tf.function(functools.partial(self._episodes, model),
                                  jit_compile=jit_compile)
@@ -144,12 +152,22 @@ class PretrainLearner:
   def _replica_train_step(self, batch):
     params = {k: tf.identity(v) for k, v in self.params.items()}
     images = tf.ensure_shape(batch["images"], [self._per_replica] + batch["images"].shape[1:])
-    grads, loss, correct = self._grads(params, images, batch["labels"])
+    grads, loss, correct = self._grads(params, images, batch["labels"], self._noise())
     grads, loss, correct = tf.distribute.get_replica_context().all_reduce(
         SUM, (grads, loss, correct))
     rate = self.optimizer.cfg.rate(self.optimizer.iterations)
     self.optimizer.apply(self.params, grads)
     return {"loss": loss, "accuracy": correct, "learning_rate": rate}
+
+  def _noise(self) -> tuple[tf.Tensor, tf.Tensor] | None:
+    """This step's dropout rate and seed; the seed a function of the run's seed, the step and
+    the replica, so a resumed run draws what an uninterrupted one would."""
+    if not self.dropblock.rate:
+      return None
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    seed = tf.stack([tf.constant(self.seed, tf.int64), self.optimizer.iterations])
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
+    return self.dropblock.rate_at(self.optimizer.iterations), seed
 
   @tf.function
   def _train(self, batches, num_steps: tf.Tensor):
@@ -210,13 +228,18 @@ def build(values: dict, strategy: tf.distribute.Strategy,
       raise UsageError(f"{name}={size} is not divisible by the "
                        f"{strategy.num_replicas_in_sync} replicas in sync")
   sgd = pc.sgd_config(values)
+  dropblock = pc.dropblock_config(values)
+  if dropblock.rate and model.kind != "resnet12":
+    raise UsageError(f"--pretrain_dropblock_rate={dropblock.rate}: ResNet-12's regulariser "
+                     f"(--model=resnet12), not --model={model.kind}'s")
   learner = PretrainLearner(strategy, model, sgd, seed=values["seed"],
                             batch_size=values["pretrain_batch_size"], n_way=values["n_way"],
                             eval_batch_size=ep.eval_batch_size, jit_compile=jit_compile,
-                            body_from=values["init_from"])
+                            body_from=values["init_from"], dropblock=dropblock)
   record = sc.record_parts(values, model, sc.meta_config(values), few_shot.manifest)
   for key in ("meta", "eval_inner_steps"):  # a pretraining run meta-learns nothing
     record.pop(key)
   record["pretrain"] = dict(dataclasses.asdict(sgd), batch_size=values["pretrain_batch_size"],
-                            augment=values["pretrain_augment"], classes=task.num_classes)
+                            augment=values["pretrain_augment"], classes=task.num_classes,
+                            dropblock=dataclasses.asdict(dropblock))
   return family.Built(task, learner, jit_compile, record)

@@ -7,6 +7,9 @@ of their steps). Read only in that mode; any of them given to another mode is re
 
 from __future__ import annotations
 
+import dataclasses
+
+import tensorflow as tf
 from absl import flags
 
 from pipeline import labelled
@@ -29,6 +32,37 @@ _define(flags.DEFINE_float, "pretrain_weight_decay", _SGD.weight_decay, "L2 weig
 _define(flags.DEFINE_enum, "pretrain_augment", "standard", list(labelled.AUGMENTS),
         "standard: random crop of the image padded by 1/10.5 of its side, horizontal flip, "
         "colour jitter 0.4 (pipeline/labelled.py); none.")
+
+_define(flags.DEFINE_float, "pretrain_dropblock_rate", 0.0, "ResNet-12 only: the rate of "
+        "MetaOptNet's regulariser (dropout after blocks 0-1, DropBlock after blocks 2-3; "
+        "FEAT and MetaOptNet use 0.1); 0 = none. Never in evaluation.",
+        lower_bound=0.0, upper_bound=0.9)
+_define(flags.DEFINE_integer, "pretrain_dropblock_size", 5, "DropBlock's square side (5 as "
+        "MetaOptNet's at 84x84; a smaller map drops whole channels).", lower_bound=1)
+_define(flags.DEFINE_integer, "pretrain_dropblock_warmup", 0, "Steps over which the rate "
+        "rises linearly from 0 to --pretrain_dropblock_rate (MetaOptNet: 40,000 batches); "
+        "0 = the full rate from the start.", lower_bound=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DropBlockConfig:
+  """ResNet-12's training noise during pretraining (:class:`trainer.models.Dropout`), with the
+  linear warm-up of its rate that MetaOptNet uses (DropBlock at full rate from the first step
+  slows early training)."""
+  rate: float = 0.0
+  block_size: int = 5
+  warmup: int = 0
+
+  def rate_at(self, step: tf.Tensor) -> tf.Tensor:
+    if not self.warmup:
+      return tf.constant(self.rate, tf.float32)
+    return self.rate * tf.minimum(tf.cast(step, tf.float32) / self.warmup, 1.0)
+
+
+def dropblock_config(values: dict) -> DropBlockConfig:
+  return DropBlockConfig(rate=values["pretrain_dropblock_rate"],
+                         block_size=values["pretrain_dropblock_size"],
+                         warmup=values["pretrain_dropblock_warmup"])
 
 
 def sgd_config(values: dict) -> optim.SGDConfig:

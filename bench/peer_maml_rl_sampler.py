@@ -53,7 +53,6 @@ def main():
 
   env = gym.make(ENV, **ENV_KWARGS)
   policy = get_policy_for_env(env, hidden_sizes=HIDDEN, nonlinearity="tanh")
-  policy.share_memory()
   baseline = LinearFeatureBaseline(get_input_size(env))
   base = {"bench": "sampler", "peer": "pytorch-maml-rl@21d4ba1", "env": ENV,
           "num_envs": args.num_envs, "includes": "policy forward pass",

@@ -194,6 +194,21 @@ def test_evaluation_steps_lower_the_loss_of_the_examples_adapted_on():
   assert np.all(np.diff(losses, axis=0) < 0), losses
 
 
+def test_evaluation_measuring_some_steps_returns_exactly_those_rows_of_every_step():
+  """--eval_measured_steps: the query is evaluated only at the chosen step counts, and the
+  adaptation between them is the same, so those rows equal the full evaluation's."""
+  cfg = models.ModelConfig("conv4", (28, 28, 1), 3, num_filters=8)
+  meta = maml.MetaConfig(inner_steps=1, inner_lr=0.4)
+  params = as_tensors(models.init_params(cfg, 5))
+  batch = classification_batch(cfg, tasks=2, k=1, q=2)
+  every_loss, every_metric = maml.evaluate(cfg, meta, params, None, batch, steps=4)
+  losses, metrics = maml.evaluate(cfg, meta, params, None, batch, steps=4, measured=(0, 2, 4))
+  assert losses.shape == (3, 2) and metrics.shape == (3, 2)
+  np.testing.assert_allclose(losses, tf.gather(every_loss, [0, 2, 4]), rtol=1e-6)
+  np.testing.assert_allclose(metrics, tf.gather(every_metric, [0, 2, 4]))
+  assert not np.allclose(losses[0], losses[2])  # the rows are different steps' results
+
+
 @pytest.mark.numerics
 def test_conv4_meta_step_under_xla_equals_the_graph_step():
   """jit_compile=True is the GPU/TPU default: on tiny shapes its meta-gradient equals the

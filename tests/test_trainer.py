@@ -45,6 +45,15 @@ def test_n_way_beyond_the_classes_of_a_split_is_named(tmp_path, mini_records):
   assert "--n_way=17: split 'val'" in result.stderr and "16 classes" in result.stderr
 
 
+def test_evaluation_steps_to_measure_beyond_those_taken_are_refused_by_name(tmp_path):
+  result = trainer(*SINUSOID, "--eval_inner_steps=5", "--eval_measured_steps=0,9",
+                   f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert ("--eval_measured_steps=0,9: 9 is beyond the 5 evaluation steps (--eval_inner_steps)"
+          in result.stderr)
+  assert not (tmp_path / "run").exists()
+
+
 def test_records_of_another_dataset_are_refused(tmp_path, mini_records):
   result = trainer("--dataset=omniglot", f"--data_dir={mini_records}",
                    f"--model_dir={tmp_path / 'run'}")
@@ -265,6 +274,36 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   assert 0 < step < 50000 and step == max(r["step"] for r in rows)
 
 
+def test_sigterm_during_a_validation_stops_it_and_the_resume_redoes_it(tmp_path):
+  """A validation long enough to take minutes (ResNet-12's on a CPU) gives way to SIGTERM
+  between its batches; the step is saved, and the resumed run validates it before going on."""
+  run = tmp_path / "run"
+  args = [*SINUSOID, "--eval_every=20", "--checkpoint_every=20", "--mode=train",
+          "--num_iterations=40", f"--model_dir={run}"]
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.main", *args,
+                           "--val_episodes=10000000"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while '"step": 20' not in ((run / "metrics.jsonl").read_text()
+                             if (run / "metrics.jsonl").exists() else ""):
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  time.sleep(1)  # into the validation (a million batches: hours)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM during the validation of step 20" in err
+  assert checkpoint_step(run) == 20
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert not any("val/mse" in r for r in rows) and not (run / "best.json").exists()
+  resumed = trainer(*args, "--val_episodes=20")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "val/mse" in r] == [20, 40]
+  first_val = next(i for i, r in enumerate(rows) if "val/mse" in r)
+  assert all(r["step"] <= 20 for r in rows[:first_val])  # validated before training on
+
+
 @pytest.mark.slow
 def test_best_checkpoint_after_a_resume_is_the_best_of_the_whole_run(tmp_path):
   run = tmp_path / "run"
@@ -313,6 +352,14 @@ def test_sinusoid_adaptation_lowers_the_test_mse_and_writes_the_eval_json(tmp_pa
   other = json.loads((run / "eval_test_latest.json").read_text())
   assert other["checkpoint"].endswith("ckpt/ckpt-1500") and other["checkpoint_choice"] == "latest"
   assert json.loads((run / "eval_test.json").read_text()) == report  # the best's report kept
+  some = trainer(*SINUSOID, "--num_iterations=1500", "--eval_inner_steps=5",
+                 "--eval_episodes=200", "--mode=eval", "--eval_checkpoint=latest",
+                 "--eval_measured_steps=0,2", f"--model_dir={run}")
+  assert some.returncode == 0, some.stderr[-2000:]
+  measured = json.loads((run / "eval_test_latest.json").read_text())["by_inner_steps"]
+  assert list(measured) == ["0", "2", "5"]  # the last step always
+  for s, v in measured.items():  # the same episodes and adaptation as every step's report
+    assert v["mean"] == pytest.approx(other["by_inner_steps"][s]["mean"], rel=1e-5)
 
 
 @pytest.mark.slow

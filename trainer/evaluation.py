@@ -46,20 +46,25 @@ def mean_ci95(values: np.ndarray, t_interval: bool = False) -> dict:
 
 
 def summarize(metric_name: str, split: str, per_step: np.ndarray,
-              loss_per_step: np.ndarray | None, t_interval: bool = False, **extra) -> dict:
-  """``per_step`` is ``[steps+1, episodes]``; returns the eval JSON's content (no
-  ``loss_by_inner_steps`` for learners without an evaluation loss, e.g. RL's returns)."""
+              loss_per_step: np.ndarray | None, t_interval: bool = False,
+              steps: tuple[int, ...] | None = None, **extra) -> dict:
+  """``per_step`` is ``[S, episodes]``, row i after ``steps[i]`` adaptation steps (default
+  0..S-1); returns the eval JSON's content (no ``loss_by_inner_steps`` for learners without an
+  evaluation loss, e.g. RL's returns)."""
   interval = lambda v: mean_ci95(v, t_interval)
+  steps = tuple(range(per_step.shape[0])) if steps is None else tuple(steps)
+  if len(steps) != per_step.shape[0]:
+    raise ValueError(f"{per_step.shape[0]} rows of results for {len(steps)} step counts")
   summary = {
       "split": split,
       "episodes": int(per_step.shape[1]),
       "metric": metric_name,
       "interval": "student_t" if t_interval else "normal_1.96",
-      "by_inner_steps": {str(s): interval(per_step[s]) for s in range(per_step.shape[0])},
+      "by_inner_steps": {str(s): interval(row) for s, row in zip(steps, per_step)},
   }
   if loss_per_step is not None:
-    summary["loss_by_inner_steps"] = {str(s): interval(loss_per_step[s])
-                                      for s in range(loss_per_step.shape[0])}
+    summary["loss_by_inner_steps"] = {str(s): interval(row)
+                                      for s, row in zip(steps, loss_per_step)}
   return dict(summary, **extra)
 
 
@@ -69,6 +74,11 @@ def write_json(path: str | os.PathLike, content: dict) -> None:
   partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two writers never share it
   partial.write_text(json.dumps(content, indent=1) + "\n")
   os.replace(partial, path)
+
+
+def last_step(summary: dict) -> dict:
+  """The entry of ``by_inner_steps`` after the most adaptation steps."""
+  return summary["by_inner_steps"][str(max(int(s) for s in summary["by_inner_steps"]))]
 
 
 def format_summary(summary: dict) -> str:

@@ -28,7 +28,8 @@ class MetaLearner:
                meta: maml.MetaConfig, adam: optim.AdamConfig, *, seed: int,
                meta_batch_size: int, eval_inner_steps: int, jit_compile: bool,
                eval_batch_size: int | None = None, eval_running_stats: bool = False,
-               task_chunk: int = 0, body_from: str | None = None):
+               task_chunk: int = 0, body_from: str | None = None,
+               eval_measured_steps: tuple[int, ...] | None = None):
     if eval_running_stats and not model.stat_slots:
       raise ValueError("evaluating with running statistics needs them tracked "
                        "(--bn_running_stats=shared or per_step)")
@@ -72,9 +73,11 @@ class MetaLearner:
         functools.partial(maml.meta_gradients, model, meta, global_batch=meta_batch_size,
                           first_order=order, multi_step_loss=m), jit_compile=jit_compile)
         for order in orders for m in msl}
+    # The step counts an evaluation reports (rows of its [S, n] results), ascending.
+    self.measured_steps = eval_measured_steps or tuple(range(eval_inner_steps + 1))
     self._evaluate = tf.function(
-        functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps),
-        jit_compile=jit_compile)
+        functools.partial(maml.evaluate, model, meta, steps=eval_inner_steps,
+                          measured=eval_measured_steps), jit_compile=jit_compile)
 
   def fresh_start(self) -> str | None:
     """Called by the loop when the run has no checkpoint of its own: ``--init_from``'s body."""
@@ -205,7 +208,8 @@ class MetaLearner:
     return gather_replicas(self.strategy, self._replica_eval_step, batch)
 
   def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per-episode query loss and metric after 0..eval_inner_steps steps, ``[steps+1, n]``."""
+    """Per-episode query loss and metric after each of ``measured_steps`` (by default
+    0..eval_inner_steps), ``[len(measured_steps), n]``."""
     return collect_episodes(self.eval_step, dataset)
 
 

@@ -149,10 +149,28 @@ def _short(values: dict) -> str:
   return f"val: {show(name, values[name]).rstrip('%')} ± {ci}"
 
 
-def run_evaluation(learner, task, split: str, episodes: int) -> dict:
-  losses, metrics = learner.evaluate(task.eval_data(learner.strategy, split, episodes))
+class EvaluationInterrupted(Exception):
+  """A signal asked to stop during a validation: it is abandoned, and redone on resume."""
+
+
+def _interruptible(batches, stop):
+  """``batches``, checking ``stop()`` before each: a long validation (ResNet-12's: minutes
+  per batch on a CPU) must not hold a SIGTERM until it ends."""
+  for batch in batches:
+    if stop is not None and stop():
+      raise EvaluationInterrupted()
+    yield batch
+
+
+def run_evaluation(learner, task, split: str, episodes: int, stop=None) -> dict:
+  """The evaluation summary; ``stop``: a callable that, once true, abandons it between batches
+  (raising :class:`EvaluationInterrupted`)."""
+  data = task.eval_data(learner.strategy, split, episodes)
+  losses, metrics = learner.evaluate(_interruptible(data, stop) if stop else data)
   summary = evaluation.summarize(task.metric, split, metrics, losses,
-                                 t_interval=task.small_sample, step=int(learner.step.numpy()))
+                                 t_interval=task.small_sample,
+                                 steps=getattr(learner, "measured_steps", None),
+                                 step=int(learner.step.numpy()))
   # A learner's other figures by inner steps (RL on Meta-World: the success rate).
   extras = getattr(learner, "evaluation_extras", dict)()
   for name, per_step in extras.items():
@@ -246,13 +264,26 @@ class _Training:
       self.logs.scalars(self.step, {**{f"train/{k}": v for k, v in means.items()},
                                     "train/steps_per_s": n / elapsed})
 
-  def validate(self) -> None:
-    """Validation episodes; the best checkpoint by them is kept in ``best/``."""
+  def validation_missing(self) -> bool:
+    """Whether the restored step was due for a validation that metrics.jsonl lacks (a signal
+    or SIGKILL ended the run during it): it is run before training goes on."""
+    if not (self.chief and self.step and self._due(self.cfg.eval_every)):
+      return False
+    with open(self.cfg.model_dir / "metrics.jsonl") as f:
+      for line in f:
+        entry = json.loads(line)
+        if entry.get("step") == self.step and any(k.startswith("val/") for k in entry):
+          return False
+    return True
+
+  def validate(self, stop=None) -> None:
+    """Validation episodes; the best checkpoint by them is kept in ``best/``. ``stop``: see
+    :func:`run_evaluation`."""
     if not self._due(self.cfg.eval_every):
       return
     metric = self.task.metric
-    summary = run_evaluation(self.learner, self.task, "val", self.cfg.val_episodes)
-    last = summary["by_inner_steps"][str(len(summary["by_inner_steps"]) - 1)]
+    summary = run_evaluation(self.learner, self.task, "val", self.cfg.val_episodes, stop)
+    last = evaluation.last_step(summary)
     extras = {f"val/{name[:-len('_by_inner_steps')]}_after_{k}_steps": v["mean"]
               for name, by_step in summary.items() if name.endswith("_by_inner_steps")
               and name not in ("by_inner_steps", "loss_by_inner_steps")
@@ -276,6 +307,16 @@ class _Training:
     every = self.cfg.keep_checkpoint_every
     if every and self.step % every == 0:
       self.kept_manager.save(checkpoint_number=self.step)
+
+  def stop_during_validation(self, preemption: "_Preemption") -> str:
+    """A signal arrived during a validation: saves the step (unless saved) and names it."""
+    if not (self.manager.latest_checkpoint or "").endswith(f"-{self.step}"):
+      self.manager.save(checkpoint_number=self.step)
+    name = signal.Signals(preemption.requested).name
+    logging.warning("%s during the validation of step %d: saved the step to %s; re-run the "
+                    "command to resume (the validation is redone first)", name, self.step,
+                    self.manager.latest_checkpoint)
+    return "interrupted" if preemption.requested == signal.SIGINT else "preempted"
 
   def stop(self, preemption: "_Preemption", cluster: "_ClusterPreemption | None") -> str | None:
     """"interrupted" or "preempted" when a signal asked to stop (saved first), else None."""
@@ -306,14 +347,23 @@ def train(learner, task, cfg: RunConfig, record: dict | None = None) -> dict:
   status = "finished"
   try:
     with _Preemption(cluster=cluster is not None) as preemption:
-      while run.step < cfg.num_iterations:
-        run.train(run.stretch())
-        run.validate()
-        run.save()
-        stopped = run.stop(preemption, cluster)
-        if stopped:
-          status = stopped
-          break
+      # Single process: a signal abandons a validation between its batches (all workers of a
+      # cluster must leave together, through TensorFlow's handler: they finish it).
+      stop = None if cluster is not None else (lambda: preemption.requested is not None)
+      try:
+        if cluster is None and run.validation_missing():
+          run.validate(stop)
+          run.save()
+        while run.step < cfg.num_iterations:
+          run.train(run.stretch())
+          run.validate(stop)
+          run.save()
+          stopped = run.stop(preemption, cluster)
+          if stopped:
+            status = stopped
+            break
+      except EvaluationInterrupted:
+        status = run.stop_during_validation(preemption)
   finally:
     run.logs.close()
   return {"status": status, "step": run.step, "best": run.best}

@@ -89,7 +89,8 @@ def _build(values: dict, strategy, task, image_shape, manifest) -> family.Built:
       eval_inner_steps=meta_flags.eval_inner_steps(values), jit_compile=jit,
       eval_batch_size=ep.eval_batch_size,
       eval_running_stats=values["eval_norm_stats"] == "running",
-      task_chunk=task_chunk, body_from=values["init_from"])
+      task_chunk=task_chunk, body_from=values["init_from"],
+      eval_measured_steps=sc.eval_measured_steps(values))
   return family.Built(task, meta_learner, jit, record)
 
 

@@ -427,6 +427,29 @@ def test_curves_are_labelled_with_the_method_and_titled_with_the_setting(tmp_pat
   assert plot_curves.parse_reference("MAML paper:95.8") == ("MAML paper", 95.8)
 
 
+def test_comparing_several_metrics_draws_one_labelled_line_per_run_and_metric(tmp_path,
+                                                                               monkeypatch):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("plot_curves", REPO / "tools" / "plot_curves.py")
+  plot_curves = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot_curves)
+  run = tmp_path / "rl_ant_vel"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"flags": {"dataset": "rl", "env": "AntVel-v5"}}))
+  (run / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "train/return_pre": -s, "train/return_post": s}) + "\n"
+      for s in (1, 2, 3)))
+  drawn = []
+  monkeypatch.setattr(plot_curves.plt, "close",
+                      lambda fig: drawn.extend(fig.axes[0].get_lines()))
+  out = plot_curves.compare("train/return_pre,train/return_post", [run], tmp_path / "c.png")
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [(l.get_label(), list(l.get_ydata())) for l in drawn] == [
+      ("MAML-TRPO: train/return_pre", [-1, -2, -3]), ("MAML-TRPO: train/return_post", [1, 2, 3])]
+  with pytest.raises(SystemExit, match="has no 'train/kl'"):
+    plot_curves.compare("train/return_pre,train/kl", [run], tmp_path / "c.png")
+
+
 # --- distribution ------------------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ trainer writes it beside its TensorBoard events) and writes ``<model_dir>/curves
 metric of several runs on one plot (side-by-side comparisons at equal steps). Each line is
 labelled with its method (MAML, MAML++, ANIL, Meta-SGD, MAML-TRPO, ProMP, read from the run's
 ``config.json``; the folder's name for runs without one, or where two runs share a method) and
-the figure is titled with the dataset and setting. ``--reference=LABEL:VALUE`` (repeatable)
+the figure is titled with the dataset and setting. ``--compare=KEY,KEY,...``: several metrics
+(e.g. ``train/return_pre,train/return_post``), each line labelled with run and metric. ``--reference=LABEL:VALUE`` (repeatable)
 draws a published figure as a dashed line, in the metric's units (accuracy in percent or as a
 fraction).
 
@@ -19,6 +20,7 @@ Where a resumed run logged a step twice, the later line wins.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -135,17 +137,23 @@ def plot(model_dir: Path) -> list[Path]:
 
 def compare(key: str, model_dirs: list[Path], output: Path,
             references: list[tuple[str, float]] = ()) -> Path:
+  """``key``: one metric, or several separated by commas (e.g. an RL run's
+  ``train/return_pre,train/return_post``: each line is then labelled with its key too)."""
+  keys = key.split(",")
   fig, ax = plt.subplots(figsize=(7, 4.5))
   top = 0.0
   for model_dir, label in zip(model_dirs, labels(model_dirs)):
-    series = read_metrics(model_dir).get(key)
-    if not series:
-      raise SystemExit(f"plot_curves: {model_dir / 'metrics.jsonl'} has no {key!r}")
-    steps = sorted(series)
-    top = max(top, max(series.values()))
-    ax.plot(steps, [series[s] for s in steps], label=label,
-            marker="." if len(steps) < 30 else None)
-  fraction = key.endswith("accuracy") and top <= 1.0
+    metrics = read_metrics(model_dir)
+    for one in keys:
+      series = metrics.get(one)
+      if not series:
+        raise SystemExit(f"plot_curves: {model_dir / 'metrics.jsonl'} has no {one!r}")
+      steps = sorted(series)
+      top = max(top, max(series.values()))
+      ax.plot(steps, [series[s] for s in steps],
+              label=label if len(keys) == 1 else f"{label}: {one}",
+              marker="." if len(steps) < 30 else None)
+  fraction = all(k.endswith("accuracy") for k in keys) and top <= 1.0
   for (label, value), color in zip(references, ("black", "dimgray", "gray", "darkgray")):
     value = value / 100.0 if fraction and value > 1.0 else value
     ax.axhline(value, linestyle="--", linewidth=1, color=color, label=label)
@@ -153,7 +161,7 @@ def compare(key: str, model_dirs: list[Path], output: Path,
   if len(settings) == 1:
     ax.set_title(settings.pop())
   ax.set_xlabel("meta-step")
-  ax.set_ylabel(key)
+  ax.set_ylabel(key if len(keys) == 1 else os.path.commonprefix(keys).rstrip("_/") or "value")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
